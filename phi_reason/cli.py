@@ -1,0 +1,184 @@
+"""`phi-reason` command line: argument parsing only. Each subcommand calls one function
+elsewhere (imported lazily, so `phi-reason --help` is instant)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def _call(target: str, **kwargs):
+    module, fn = target.rsplit(":", 1)
+    return getattr(importlib.import_module(module), fn)(**kwargs)
+
+
+def _overrides(p):
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. train.lr=1e-5 data.seq_len=4096")
+
+
+# ---------------------------------------------------------------- demo (issue 10)
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="the four-stage Phi-4-mini-reasoning recipe at toy scale on CPU",
+                       description="Train a tiny Phi-architecture model from scratch on synthetic "
+                       "verifiable math: base -> mid-training (packed) -> SFT -> Rollout DPO -> RL, "
+                       "reporting held-out accuracy after each stage. With --model, run a few "
+                       "MATH-500 problems through a real checkpoint instead.")
+    p.add_argument("--out", default="./demo_out", help="output directory (default ./demo_out)")
+    p.add_argument("--quick", action="store_true", help="shorter run for small CI machines")
+    p.add_argument("--config", default=None, help="demo YAML (default: configs/demo.yaml)")
+    p.add_argument("--model", default=None, help="HF or Orbax checkpoint dir: evaluate it instead")
+    p.add_argument("--data", default=None, help="MATH-500 JSONL for --model mode")
+    p.add_argument("--num-problems", type=int, default=5)
+    _overrides(p)
+    p.set_defaults(fn=lambda a: _call("phi_reason.demo:main", out=a.out, quick=a.quick,
+                                      config=a.config, model=a.model, data=a.data,
+                                      num_problems=a.num_problems, overrides=a.overrides))
+
+
+# ---------------------------------------------------------------- convert (issue 3)
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="convert checkpoints between Hugging Face and Orbax")
+    csub = p.add_subparsers(dest="direction", required=True)
+    a = csub.add_parser("hf-to-orbax", help="HF safetensors dir -> Orbax checkpoint")
+    a.add_argument("hf_dir")
+    a.add_argument("out")
+    a.add_argument("--dtype", default=None, help="cast weights (float32|bfloat16); default: keep")
+    a.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    a.set_defaults(fn=lambda x: _call("phi_reason.checkpoint.convert:hf_to_orbax",
+                                      hf_dir=x.hf_dir, out=x.out, dtype=x.dtype,
+                                      overwrite=x.overwrite))
+    b = csub.add_parser("orbax-to-hf", help="Orbax checkpoint -> HF safetensors dir")
+    b.add_argument("ckpt")
+    b.add_argument("out")
+    b.add_argument("--tokenizer-from", default=None, help="copy tokenizer files from this dir")
+    b.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default 5GB)")
+    b.add_argument("--dtype", default=None)
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(fn=lambda x: _call("phi_reason.checkpoint.convert:orbax_to_hf",
+                                      ckpt=x.ckpt, out=x.out, tokenizer_from=x.tokenizer_from,
+                                      max_shard_size=x.max_shard_size, dtype=x.dtype,
+                                      overwrite=x.overwrite))
+
+
+# ---------------------------------------------------------------- generate (issue 5)
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="sample completions from a checkpoint")
+    p.add_argument("--model", required=True, help="HF or Orbax checkpoint dir")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", help="a single prompt (streams to the terminal)")
+    g.add_argument("--prompts", help="JSONL file with a 'prompt' (or 'messages') field per line")
+    p.add_argument("--output", default=None, help="JSONL output for --prompts (default stdout)")
+    p.add_argument("--chat-format", default=None,
+                   help="phi-4 | phi-4-reasoning | phi-4-mini | phi-4-mini-reasoning | none")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model dir)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-slots", type=int, default=8, help="continuous-batching slots")
+    p.set_defaults(fn=lambda a: _call("phi_reason.generate.run:main", **_kw(a)))
+
+
+# ---------------------------------------------------------------- training (issues 7, 8)
+def _add_training(sub):
+    for name, target, helptext in (
+        ("sft", "phi_reason.train.loop:run_sft", "supervised fine-tuning (packed or unpacked)"),
+        ("dpo", "phi_reason.train.loop:run_dpo", "direct preference optimisation"),
+        ("rl", "phi_reason.train.rl:run_rl", "RL with verifiable rewards (GRPO family)"),
+        ("rollout-dpo", "phi_reason.train.rollout_dpo:run_rollout_dpo",
+         "sample, grade and write chosen/rejected pairs for DPO"),
+    ):
+        p = sub.add_parser(name, help=helptext, description=helptext)
+        p.add_argument("config", help="YAML run config (see configs/)")
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        _overrides(p)
+        p.set_defaults(fn=lambda a, t=target: _call(t, config=a.config, overrides=a.overrides,
+                                                    resume=a.resume))
+
+
+# ---------------------------------------------------------------- eval + grade (issue 9)
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a math benchmark")
+    p.add_argument("--model", required=True)
+    p.add_argument("--benchmark", required=True,
+                   choices=["math500", "aime24", "aime25", "amc23", "gsm8k", "minerva",
+                            "olympiadbench", "math"])
+    p.add_argument("--data", default=None, help="local JSONL/Parquet file of the benchmark")
+    p.add_argument("--out", default="./eval_out")
+    p.add_argument("--samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=32768)
+    p.add_argument("--chat-format", default=None)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=lambda a: _call("phi_reason.eval.benchmarks:main", **_kw(a)))
+
+    g = sub.add_parser("grade", help="grade predictions against gold answers (sandboxed)")
+    g.add_argument("--input", required=True, help="JSONL with 'prediction' and 'gold' per line")
+    g.add_argument("--output", default=None, help="JSONL out (default: stdout)")
+    g.add_argument("--mode", choices=["eval", "reward"], default="eval")
+    g.add_argument("--timeout", type=float, default=5.0, help="seconds per item (default 5)")
+    g.add_argument("--workers", type=int, default=2)
+    g.set_defaults(fn=lambda a: _call("phi_reason.eval.grade_cli:main", **_kw(a)))
+
+
+# ---------------------------------------------------------------- data (issue 6)
+def _add_data(sub):
+    p = sub.add_parser("decontaminate", help="drop training records sharing an n-gram with eval")
+    p.add_argument("--train", required=True)
+    p.add_argument("--eval", required=True, nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--ngram", type=int, default=13)
+    p.add_argument("--field", default=None)
+    p.set_defaults(fn=lambda a: _call("phi_reason.data.decontaminate:main", **_kw(a)))
+
+
+# ---------------------------------------------------------------- plan (issue 4)
+def _add_plan(sub):
+    p = sub.add_parser("plan", help="per-device memory plan for a model, mesh and batch")
+    p.add_argument("--model", required=True, help="preset name or HF config.json / dir")
+    p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=16,tensor=4")
+    p.add_argument("--devices", type=int, default=None, help="suggest a mesh for N devices")
+    p.add_argument("--batch", type=int, default=1, help="global batch (sequences)")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--remat", default="full")
+    p.add_argument("--accelerator", default="h100")
+    p.add_argument("--param-dtype", default="float32")
+    p.add_argument("--compute-dtype", default="bfloat16")
+    p.add_argument("--optimizer-dtype", default="float32")
+    p.add_argument("--rollout-batch", type=int, default=0, help="KV cache for this many rows")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=lambda a: _call("phi_reason.sharding.plan:main", **_kw(a)))
+
+
+def _kw(ns):
+    return {k: v for k, v in vars(ns).items() if k not in ("fn", "command", "direction")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="phi-reason",
+        description="JAX-native post-training for Microsoft's Phi-4 reasoning models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_demo, _add_convert, _add_generate, _add_training, _add_eval, _add_data,
+                _add_plan):
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc = args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

