@@ -1,0 +1,54 @@
+"""Rollout scoring and the policy-gradient batch layout."""
+import numpy as np
+import pytest
+
+from phi_reason.train.rewards import BINARY_REWARDS, make_reward_fn
+from phi_reason.train.rollouts import Prompt, build_pg_batch, pad_length, score_groups, strip_stop
+
+
+def test_strip_stop():
+    assert strip_stop([5, 6, 9], (9,)) == [5, 6]
+    assert strip_stop([5, 6, 7], (9,)) == [5, 6, 7]
+    assert strip_stop([], (9,)) == []
+
+
+def test_score_groups_prompt_major():
+    prompts = [Prompt([1, 2], "3", "a"), Prompt([4], "5", "b")]
+    tokens = [[7, 9], [8], [7, 7, 9], [6, 9]]
+    logprobs = [[-0.1, -0.2], [-0.3], [-0.1, -0.1, -0.1], [-1.0, -2.0]]
+    finish = ["stop", "length", "stop", "stop"]
+    texts = ["x", "y", "z", "w"]
+    correct = [True, True, False, True]
+    groups = score_groups(prompts, tokens, logprobs, finish, texts, correct, 2,
+                          make_reward_fn(BINARY_REWARDS))
+    assert [g.prompt.uid for g in groups] == ["a", "b"]
+    # Row 1 is correct but truncated: binary reward counts it as wrong.
+    np.testing.assert_array_equal(groups[0].rewards, [1.0, -1.0])
+    np.testing.assert_array_equal(groups[1].rewards, [-1.0, 1.0])
+    np.testing.assert_array_equal(groups[0].finished, [True, False])
+    np.testing.assert_array_equal(groups[1].lengths, [3, 2])
+    with pytest.raises(ValueError, match="texts: expected 4 rows"):
+        score_groups(prompts, tokens, logprobs, finish, texts[:3], correct, 2,
+                     make_reward_fn(BINARY_REWARDS))
+
+
+def test_build_pg_batch_layout():
+    batch = build_pg_batch([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], [0.5, -1.0], length=8,
+                           old_logprobs=[[-0.5, -0.6], [-0.7, -0.8, -0.9]], pad_id=0)
+    np.testing.assert_array_equal(batch["tokens"], [[1, 2, 3, 5, 6, 0, 0, 0], [4, 7, 8, 9, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["positions"][0], [0, 1, 2, 3, 4, 0, 0, 0])
+    np.testing.assert_array_equal(batch["segment_ids"][1], [1, 1, 1, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0]])
+    np.testing.assert_allclose(batch["old_logprobs"][0], [0, 0, 0, -0.5, -0.6, 0, 0, 0])
+    np.testing.assert_allclose(batch["old_logprobs"][1], [0, -0.7, -0.8, -0.9, 0, 0, 0, 0])
+    np.testing.assert_allclose(batch["advantages"], [0.5, -1.0])
+    assert batch["tokens"].dtype == np.int32 and batch["advantages"].dtype == np.float32
+    with pytest.raises(ValueError, match="row 0"):
+        build_pg_batch([[1, 2, 3]], [[5, 6]], [0.0], length=4)
+    with pytest.raises(ValueError, match="log-probs for 2 tokens"):
+        build_pg_batch([[1]], [[5, 6]], [0.0], length=4, old_logprobs=[[-1.0]])
+
+
+def test_pad_length():
+    assert pad_length(33, 32) == 64 and pad_length(64, 32) == 64
+    assert pad_length(33, 32, cap=40) == 40 and pad_length(50, 32, cap=40) == 50
