@@ -1,0 +1,131 @@
+"""RL run config: the trainer's `RunConfig` (model, data, train incl. train.pg, mesh, output) plus an
+`rl` section. Loaded with the same YAML + dotted-override machinery (`phi_reason.config`).
+
+Sizes: each RL step samples `rl.prompts_per_step` prompts x `rl.group_size` completions; the
+policy is then updated `rl.mu` times over those rows in minibatches of `train.batch_size` sequences
+(so one RL step = mu * prompts_per_step * group_size / train.batch_size optimizer updates).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence
+
+from ..config import RunConfig, RunConfigError, load_run_config
+from .advantages import ADVANTAGES, SCALE_MODES
+from .rewards import RewardSpec, make_reward_fn
+from .schedules import TemperatureSchedule
+
+
+@dataclasses.dataclass
+class RewardSection:
+    name: str = "binary"
+    weight: float = 1.0
+    kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class TemperatureSection:
+    start: float = 1.0
+    end: float = 1.0
+    anneal_steps: int = 0  # RL steps over which start -> end; then held at end
+    kind: str = "linear"  # linear | cosine
+
+    def build(self) -> TemperatureSchedule:
+        return TemperatureSchedule(self.start, self.end, self.anneal_steps, self.kind)
+
+
+@dataclasses.dataclass
+class RLSection:
+    steps: int = 10  # RL steps (rollout -> reward -> advantage -> updates)
+    prompts_per_step: int = 8
+    group_size: int = 8
+    mu: int = 1  # policy-gradient passes over each step's rollouts
+    max_new_tokens: int = 256  # response budget (longer rows are truncated: finish "length")
+    max_prompt_tokens: int = 1024  # longer prompts are skipped
+    pad_multiple: int = 64  # update batches are padded to a multiple of this length
+    temperature: TemperatureSection = dataclasses.field(default_factory=TemperatureSection)
+    top_p: float = 1.0
+    top_k: int = 0
+    num_slots: Optional[int] = None  # sampler's continuous-batching slots (None: all rows)
+    rewards: List[RewardSection] = dataclasses.field(default_factory=lambda: [RewardSection()])
+    advantage: str = "grpo"  # grpo | dr_grpo | rloo
+    scale_rewards: str = "group"  # grpo: group | batch | none
+    advantage_eps: float = 1e-4
+    # Dynamic sampling: drop groups whose rewards are all equal (no gradient) and sample more
+    # prompts to refill, up to max_sampling_rounds rounds per step.
+    dynamic_sampling: bool = False
+    oversample: float = 1.0  # prompts drawn per round = ceil(oversample * missing)
+    max_sampling_rounds: int = 4
+    # Prompt filtering by the group's pass rate (Phi-4-mini-reasoning: drop all-correct groups).
+    prompt_filter: bool = False
+    min_pass_rate: float = 0.0
+    max_pass_rate: float = 1.0
+    filter_all_wrong: bool = True  # with prompt_filter: also drop groups that never succeed
+    # "recompute": old log-probs by one forward pass of the pre-update policy (exact for any mu,
+    # any minibatch count). "sampler": the sampler's own log-probs (skips that pass; only valid when
+    # mu == 1, one minibatch per step and temperature 1, where old == current policy).
+    old_logprobs: str = "recompute"
+    reference_on_host: bool = False  # beta > 0: keep the frozen reference params in host memory
+    grader_workers: int = 2
+    grader_timeout: float = 5.0
+    eval_every: int = 0  # RL steps between held-out evaluations (0: only at the end, if eval_problems)
+    eval_problems: int = 0  # held-out problems (synthetic data only; greedy decoding)
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class RLRunConfig(RunConfig):
+    rl: RLSection = dataclasses.field(default_factory=RLSection)
+
+    def reward_specs(self) -> list:
+        return [RewardSpec(r.name, r.weight, dict(r.kwargs)) for r in self.rl.rewards]
+
+    def rows_per_step(self) -> int:
+        return self.rl.prompts_per_step * self.rl.group_size
+
+    def updates_per_step(self) -> int:
+        return self.rl.mu * self.rows_per_step() // self.train.batch_size
+
+    def validate(self, where: str = "rl config") -> None:
+        rl = self.rl
+
+        def bad(key, why):
+            raise RunConfigError(f"{where}: rl.{key}: {why}")
+
+        for key in ("steps", "prompts_per_step", "mu", "max_new_tokens", "max_prompt_tokens",
+                    "pad_multiple", "max_sampling_rounds", "grader_workers"):
+            if getattr(rl, key) <= 0:
+                bad(key, f"must be positive, got {getattr(rl, key)}")
+        if rl.group_size < 2:
+            bad("group_size", f"group-relative advantages need >= 2 completions, got {rl.group_size}")
+        if self.rows_per_step() % self.train.batch_size:
+            raise RunConfigError(
+                f"{where}: train.batch_size {self.train.batch_size} must divide rl.prompts_per_step "
+                f"x rl.group_size = {self.rows_per_step()}")
+        if rl.advantage not in ADVANTAGES:
+            bad("advantage", f"unknown estimator {rl.advantage!r}; known: {sorted(ADVANTAGES)}")
+        if rl.scale_rewards not in SCALE_MODES:
+            bad("scale_rewards", f"must be one of {SCALE_MODES}, got {rl.scale_rewards!r}")
+        if rl.old_logprobs not in ("recompute", "sampler"):
+            bad("old_logprobs", f"must be recompute or sampler, got {rl.old_logprobs!r}")
+        if rl.old_logprobs == "sampler" and (rl.mu != 1 or self.updates_per_step() != 1
+                                             or rl.temperature.start != 1.0
+                                             or rl.temperature.end != 1.0):
+            bad("old_logprobs", "'sampler' is only exact with mu = 1, one update per step and "
+                "temperature 1.0; use 'recompute'")
+        if rl.oversample < 1.0:
+            bad("oversample", f"must be >= 1, got {rl.oversample}")
+        if not 0.0 <= rl.min_pass_rate <= rl.max_pass_rate <= 1.0:
+            bad("min_pass_rate", f"need 0 <= min_pass_rate <= max_pass_rate <= 1, got "
+                f"{rl.min_pass_rate}, {rl.max_pass_rate}")
+        try:
+            rl.temperature.build()
+            make_reward_fn(self.reward_specs())
+        except ValueError as e:
+            raise RunConfigError(f"{where}: rl: {e}") from None
+
+
+def load_rl_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> RLRunConfig:
+    cfg = load_run_config(path, overrides, schema=RLRunConfig)
+    cfg.validate(str(path or "<defaults>"))
+    return cfg
