@@ -1,0 +1,275 @@
+"""Is a predicted answer mathematically the same as the gold answer?
+
+Structure first (matrices, unions, sets, ordered tuples/intervals, bare lists, `a \\pm b`,
+`x = 3`), then scalars: word answers by their letters, plain numbers with exact `Fraction`s, other
+expressions through `safe_sympy` (exact rationals, then high-precision numerics, then random-point
+identity testing).  A decimal only matches a non-terminating exact value when it is that value
+rounded to the decimal's own places (and, for a predicted decimal, has >= 6 significant digits).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import sympy
+
+from phi_reason.eval import safe_sympy
+from phi_reason.eval.normalize import normalize, strip_text_commands, text_key
+
+MAX_ITEMS = 200               # a "list" with more elements is not an answer we compare
+MIN_PREDICTED_SIG_DIGITS = 6  # a predicted decimal standing in for an exact value must be this precise
+_MATRIX_ENVS = ("pmatrix", "bmatrix", "Bmatrix", "vmatrix", "matrix", "smallmatrix")
+_SIMPLE_LHS_RE = re.compile(r"[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+")
+_OPENERS, _CLOSERS = "([{", ")]}"
+
+
+@dataclass(frozen=True)
+class Node:
+    kind: str                 # scalar | set | list | seq | union | matrix
+    text: str = ""
+    items: tuple = field(default_factory=tuple)
+    brackets: str = ""        # for seq: opening + closing bracket, e.g. "(]"
+
+
+def split_top_level(s: str, sep: str) -> list[str]:
+    """Split on `sep` outside any (), [], {} or \\{ \\} group."""
+    parts, depth, start, i, n = [], 0, 0, 0, len(s)
+    sep_is_command = sep[0] == "\\" and sep[1:].isalpha()  # `\pm` must not split `\pmatrix`
+    while i < n:
+        if s.startswith("\\{", i):
+            depth += 1
+            i += 2
+            continue
+        if s.startswith("\\}", i):
+            depth -= 1
+            i += 2
+            continue
+        c = s[i]
+        if depth == 0 and s.startswith(sep, i) and not (
+                sep_is_command and s[i + len(sep):i + len(sep) + 1].isalpha()):
+            parts.append(s[start:i])
+            i += len(sep)
+            start = i
+            continue
+        if c in _OPENERS:
+            depth += 1
+        elif c in _CLOSERS:
+            depth -= 1
+        elif c == "\\" and i + 1 < n and not s[i + 1].isalpha():
+            i += 2  # escaped character (e.g. `\\` row break) is not a bracket
+            continue
+        i += 1
+    parts.append(s[start:])
+    return parts
+
+
+def _encloses(s: str) -> bool:
+    """True when the bracket opening s[0] closes exactly at s[-1] (mixed `(]` allowed)."""
+    depth = 0
+    for i, c in enumerate(s):
+        if c in _OPENERS:
+            depth += 1
+        elif c in _CLOSERS:
+            depth -= 1
+            if depth == 0:
+                return i == len(s) - 1
+    return False
+
+
+def parse_structure(s: str) -> Node:
+    s = s.strip()
+    for env in _MATRIX_ENVS:
+        head, tail = "\\begin{%s}" % env, "\\end{%s}" % env
+        if s.startswith(head) and s.endswith(tail):
+            inner = s[len(head):len(s) - len(tail)]
+            rows = [r for r in split_top_level(inner, "\\\\") if r.strip()]
+            cells = tuple(tuple(parse_structure(c) for c in split_top_level(r, "&")) for r in rows)
+            return Node("matrix", items=cells)
+    parts = split_top_level(s, "\\cup")
+    if len(parts) > 1:
+        return Node("union", items=tuple(parse_structure(p) for p in parts))
+    if s.startswith("\\{") and s.endswith("\\}"):
+        items = split_top_level(s[2:-2], ",")
+        return Node("set", items=tuple(parse_structure(p) for p in items if p.strip()))
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _encloses(s):
+        items = split_top_level(s[1:-1], ",")
+        if len(items) >= 2:
+            return Node("seq", items=tuple(parse_structure(p) for p in items), brackets=s[0] + s[-1])
+        if s[0] + s[-1] == "()":
+            return parse_structure(s[1:-1])
+    items = split_top_level(s, ",")
+    if len(items) > 1:
+        return Node("list", items=tuple(parse_structure(p) for p in items))
+    pm = split_top_level(s, "\\pm")
+    if len(pm) == 2:
+        a, b = pm[0].strip(), pm[1].strip()
+        return Node("list", items=(Node("scalar", f"{a}+({b})" if a else b),
+                                   Node("scalar", f"{a}-({b})" if a else f"-({b})")))
+    sides = split_top_level(s, "=")
+    if len(sides) >= 2 and _SIMPLE_LHS_RE.fullmatch(sides[0].strip()):
+        return parse_structure(sides[-1])  # `x = 3` (or `x = y = 3`) means 3
+    return Node("scalar", s)
+
+
+# ----------------------------------------------------------------- numbers
+
+@dataclass(frozen=True)
+class PlainNumber:
+    value: Fraction
+    places: int | None        # decimal places when written as a decimal, else None
+    sig_digits: int = 0
+
+
+_DECIMAL_RE = re.compile(r"([+-]?)(\d*)\.(\d+)|([+-]?)(\d+)")
+_FRAC_RE = re.compile(r"([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}")
+_SLASH_RE = re.compile(r"([+-]?)(\d+)/(\d+)")
+_MIXED_RE = re.compile(r"([+-]?)(\d+)\\frac\{(\d+)\}\{(\d+)\}")
+
+
+def plain_number(text: str) -> PlainNumber | None:
+    """Integers, decimals, `\\frac{a}{b}`, `a/b` and mixed numbers as exact Fractions."""
+    t = text.replace(" ", "")
+    if not t or len(t) > safe_sympy.MAX_DIGIT_RUN:
+        return None
+    m = _DECIMAL_RE.fullmatch(t)
+    if m:
+        if m.group(3) is not None:
+            whole, frac = m.group(2) or "0", m.group(3)
+            digits = (whole + frac).lstrip("0")
+            value = Fraction(int(whole + frac), 10 ** len(frac))
+            return PlainNumber(-value if m.group(1) == "-" else value, len(frac), len(digits))
+        value = Fraction(int(m.group(5)))
+        return PlainNumber(-value if m.group(4) == "-" else value, None)
+    for regex in (_FRAC_RE, _SLASH_RE):
+        m = regex.fullmatch(t)
+        if m:
+            if int(m.group(3)) == 0:
+                return None
+            value = Fraction(int(m.group(2)), int(m.group(3)))
+            return PlainNumber(-value if m.group(1) == "-" else value, None)
+    m = _MIXED_RE.fullmatch(t)
+    if m and int(m.group(4)) != 0:
+        value = int(m.group(2)) + Fraction(int(m.group(3)), int(m.group(4)))
+        return PlainNumber(-value if m.group(1) == "-" else value, None)
+    return None
+
+
+def _rounds_to(value, decimal: PlainNumber) -> bool:
+    """`value` (Fraction or numeric sympy expr) rounded to `decimal.places` equals `decimal`."""
+    if isinstance(value, Fraction):
+        exact = value
+    else:
+        real = safe_sympy.real_part(safe_sympy.numeric(value))
+        if real is None:
+            return False
+        exact = Fraction(str(real))
+    scale = 10 ** decimal.places
+    return Fraction(round(exact * scale), scale) == decimal.value
+
+
+def _decimal_rule(pred_value, pred_num: PlainNumber | None, gold_value,
+                  gold_num: PlainNumber | None) -> bool:
+    """Decimal vs exact: the gold's decimal fixes the rounding; a predicted decimal must be
+    precise (>= MIN_PREDICTED_SIG_DIGITS significant digits)."""
+    if gold_num is not None and gold_num.places is not None and (
+            pred_num is None or pred_num.places is None):
+        return _rounds_to(pred_value, gold_num)
+    if pred_num is not None and pred_num.places is not None and (
+            gold_num is None or gold_num.places is None):
+        return pred_num.sig_digits >= MIN_PREDICTED_SIG_DIGITS and _rounds_to(gold_value, pred_num)
+    return False
+
+
+def _sympy_value(text: str, number: PlainNumber | None):
+    if number is not None:
+        return sympy.Rational(number.value.numerator, number.value.denominator)
+    return safe_sympy.parse_latex(text)
+
+
+def scalars_equal(pred: str, gold: str, pred_percent=False, gold_percent=False) -> bool:
+    p, g = normalize(pred), normalize(gold)
+    pred_percent, gold_percent = pred_percent or p.percent, gold_percent or g.percent
+    if p.text.replace(" ", "") == g.text.replace(" ", ""):
+        return True
+    pk, gk = text_key(p.text), text_key(g.text)
+    if pk is not None or gk is not None:
+        if pk == gk:
+            return True
+        if gk is not None and safe_sympy.parse_latex(strip_text_commands(g.text)) is None:
+            return False  # a word answer never matches mathematics
+    ptext, gtext = strip_text_commands(p.text), strip_text_commands(g.text)
+    pnum, gnum = plain_number(ptext), plain_number(gtext)
+    scales = [Fraction(1)]
+    if pred_percent != gold_percent:  # 50% may be answered as 50 or 0.5, and vice versa
+        scales.append(Fraction(1, 100) if pred_percent else Fraction(100))
+    if pnum is not None and gnum is not None:
+        for scale in scales:
+            scaled = PlainNumber(pnum.value * scale, pnum.places, pnum.sig_digits)
+            if scaled.value == gnum.value or _decimal_rule(scaled.value, scaled, gnum.value, gnum):
+                return True
+        return False
+    try:
+        return _sympy_scalars_equal(ptext, pnum, gtext, gnum, scales)
+    except safe_sympy.TooLarge:
+        return False  # refusing to materialise a huge number: not a match
+
+
+def _sympy_scalars_equal(ptext, pnum, gtext, gnum, scales) -> bool:
+    pv, gv = _sympy_value(ptext, pnum), _sympy_value(gtext, gnum)
+    if pv is None or gv is None:
+        return False
+    for scale in scales:
+        candidate = pv * sympy.Rational(scale.numerator, scale.denominator) if scale != 1 else pv
+        if safe_sympy.values_equal(candidate, gv):
+            return True
+        if (pnum is not None or gnum is not None) and _decimal_rule(
+                candidate, pnum if scale == 1 else None, gv, gnum):
+            return True
+    return False
+
+
+# ----------------------------------------------------------------- structure
+
+def _unordered_match(pred_items, gold_items) -> bool:
+    if len(pred_items) != len(gold_items) or len(gold_items) > MAX_ITEMS:
+        return False
+    remaining = list(gold_items)
+    for p in pred_items:
+        for j, g in enumerate(remaining):
+            if nodes_equal(p, g):
+                del remaining[j]
+                break
+        else:
+            return False
+    return True
+
+
+def _ordered_match(pred_items, gold_items) -> bool:
+    return len(pred_items) == len(gold_items) and all(
+        nodes_equal(p, g) for p, g in zip(pred_items, gold_items))
+
+
+def nodes_equal(pred: Node, gold: Node, pred_percent=False, gold_percent=False) -> bool:
+    if pred.kind == "scalar" and gold.kind == "scalar":
+        return scalars_equal(pred.text, gold.text, pred_percent, gold_percent)
+    if pred.kind == "union" or gold.kind == "union":
+        return pred.kind == gold.kind and _unordered_match(pred.items, gold.items)
+    if pred.kind in ("set", "list") and gold.kind in ("set", "list"):
+        return _unordered_match(pred.items, gold.items)
+    if pred.kind == "seq" and gold.kind == "seq":
+        return pred.brackets == gold.brackets and _ordered_match(pred.items, gold.items)
+    if gold.kind == "seq" and gold.brackets == "()" and pred.kind == "list":
+        return _ordered_match(pred.items, gold.items)  # `3, 5` for the point `(3, 5)`
+    if pred.kind == "matrix" and gold.kind == "matrix":
+        return len(pred.items) == len(gold.items) and all(
+            _ordered_match(pr, gr) for pr, gr in zip(pred.items, gold.items))
+    return False
+
+
+def answers_equivalent(pred: str, gold: str) -> bool:
+    """True when the extracted prediction means the same answer as the gold answer."""
+    p, g = normalize(pred), normalize(gold)
+    if p.text.replace(" ", "") == g.text.replace(" ", ""):
+        return True
+    return nodes_equal(parse_structure(p.text), parse_structure(g.text), p.percent, g.percent)

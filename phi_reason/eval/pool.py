@@ -1,0 +1,125 @@
+"""Sandboxed grading: a pool of killable worker processes with a hard wall-clock deadline per item.
+
+Why processes and not `signal.alarm`: an alarm cannot interrupt one long C call (a big-integer
+power inside sympy) and only works in the main thread.  Here each comparison runs in a `pebble`
+worker; when it overruns its deadline the worker is killed and replaced and the item is marked
+`timeout`.  Submitting works from any thread.
+
+Workers are forked from a clean `forkserver` process (never from the caller, which may hold JAX
+threads) that has already imported and warmed the parser, so a replacement starts in
+milliseconds and the first item does not pay the import inside its deadline.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import resource
+
+import pebble
+
+from phi_reason.eval.extract import extract_answer, gold_answer
+from phi_reason.eval.result import GradeResult
+
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_MAX_MEMORY = 4 << 30  # bytes of address space per worker
+
+
+def compare_answers(extracted: str, gold: str) -> bool:
+    """Worker-side comparison (module-level so it pickles by reference)."""
+    from phi_reason.eval.equivalence import answers_equivalent
+    return answers_equivalent(extracted, gold)
+
+
+def _limit_memory(max_bytes: int | None) -> None:
+    if max_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
+
+
+def _context():
+    ctx = multiprocessing.get_context("forkserver")
+    # Preloading only takes effect when the forkserver is first started in this process.
+    ctx.set_forkserver_preload(["phi_reason.eval.warm"])
+    return ctx
+
+
+class GraderPool:
+    """Reusable pool of grading workers.
+
+        with GraderPool(workers=4, timeout=5.0) as pool:
+            results = pool.grade_many([(prediction, gold), ...], mode="reward")
+
+    `compare` is the worker function `(extracted, gold) -> bool` (default: the math
+    equivalence); it must be importable by name from a fresh process.
+    """
+
+    def __init__(self, workers: int = 2, timeout: float = DEFAULT_TIMEOUT,
+                 compare=compare_answers, max_memory: int | None = DEFAULT_MAX_MEMORY):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if not timeout or timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.workers = workers
+        self.timeout = float(timeout)
+        self._compare = compare
+        self._pool = pebble.ProcessPool(max_workers=workers, context=_context(),
+                                        initializer=_limit_memory, initargs=(max_memory,))
+
+    # -- lifecycle
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool.join(timeout=10)
+            self._pool = None
+
+    def __enter__(self) -> "GraderPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # best effort; prefer `with` or close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    # -- grading
+    def submit(self, prediction: str, gold, mode: str = "eval") -> concurrent.futures.Future:
+        """Future of a GradeResult.  Extraction (pure scanning) happens here; only the
+        mathematical comparison goes to a worker, under the deadline."""
+        if self._pool is None:
+            raise RuntimeError("GraderPool is closed")
+        out: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            extracted = extract_answer(prediction, mode)
+        except (TypeError, ValueError) as e:
+            out.set_result(GradeResult(False, None, "error", f"{type(e).__name__}: {e}"))
+            return out
+        if extracted is None:
+            out.set_result(GradeResult(False, None, "no_answer"))
+            return out
+        task = self._pool.schedule(self._compare, args=(extracted, gold_answer(gold)),
+                                   timeout=self.timeout)
+        task.add_done_callback(lambda f: out.set_result(_to_result(f, extracted)))
+        return out
+
+    def grade_many(self, pairs, mode: str = "eval") -> list[GradeResult]:
+        futures = [self.submit(prediction, gold, mode) for prediction, gold in pairs]
+        return [f.result() for f in futures]
+
+    def grade(self, prediction: str, gold, mode: str = "eval") -> GradeResult:
+        return self.submit(prediction, gold, mode).result()
+
+
+def _to_result(task: concurrent.futures.Future, extracted: str) -> GradeResult:
+    try:
+        correct = task.result()
+    except concurrent.futures.TimeoutError:
+        return GradeResult(False, extracted, "timeout")
+    except pebble.ProcessExpired as e:  # the worker died (e.g. hit its memory limit)
+        return GradeResult(False, extracted, "error", f"worker died: {e}")
+    except concurrent.futures.CancelledError:
+        return GradeResult(False, extracted, "error", "cancelled")
+    except Exception as e:  # noqa: BLE001 - anything raised by the comparison
+        return GradeResult(False, extracted, "error", f"{type(e).__name__}: {e}")
+    return GradeResult(bool(correct), extracted, "ok")
