@@ -45,20 +45,31 @@ def _add_convert(sub):
     a.add_argument("out")
     a.add_argument("--dtype", default=None, help="cast weights (float32|bfloat16); default: keep")
     a.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    a.set_defaults(fn=lambda x: _call("phi_reason.checkpoint.convert:hf_to_orbax",
-                                      hf_dir=x.hf_dir, out=x.out, dtype=x.dtype,
-                                      overwrite=x.overwrite))
+    a.set_defaults(fn=lambda x: _convert("phi_reason.checkpoint.convert:hf_to_orbax",
+                                         hf_dir=x.hf_dir, out=x.out, dtype=x.dtype,
+                                         overwrite=x.overwrite))
     b = csub.add_parser("orbax-to-hf", help="Orbax checkpoint -> HF safetensors dir")
     b.add_argument("ckpt")
     b.add_argument("out")
     b.add_argument("--tokenizer-from", default=None, help="copy tokenizer files from this dir")
     b.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default 5GB)")
-    b.add_argument("--dtype", default=None)
-    b.add_argument("--overwrite", action="store_true")
-    b.set_defaults(fn=lambda x: _call("phi_reason.checkpoint.convert:orbax_to_hf",
-                                      ckpt=x.ckpt, out=x.out, tokenizer_from=x.tokenizer_from,
-                                      max_shard_size=x.max_shard_size, dtype=x.dtype,
-                                      overwrite=x.overwrite))
+    b.add_argument("--dtype", default=None, help="cast weights (float32|bfloat16); default: keep")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
+    b.set_defaults(fn=lambda x: _convert("phi_reason.checkpoint.convert:orbax_to_hf",
+                                         ckpt=x.ckpt, out=x.out, tokenizer_from=x.tokenizer_from,
+                                         max_shard_size=x.max_shard_size, dtype=x.dtype,
+                                         overwrite=x.overwrite))
+
+
+def _convert(target, **kwargs):
+    """Bad checkpoints are user errors: one clear line and exit status 2, not a traceback."""
+    from phi_reason.checkpoint.common import CheckpointError
+    from phi_reason.model.config import ConfigError
+    try:
+        return _call(target, **kwargs)
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 # ---------------------------------------------------------------- generate (issue 5)

@@ -1,0 +1,92 @@
+"""Pieces shared by the HF and Orbax checkpoint code: the error type, atomic output directories,
+size parsing and dtype names."""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import uuid
+from typing import Iterator, Optional
+
+import ml_dtypes
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written; the message names the file / tensor / key."""
+
+
+DTYPE_NAMES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+               "float16": np.dtype(np.float16)}
+
+
+def resolve_dtype(dtype) -> Optional[np.dtype]:
+    """None stays None (keep the stored dtype); names and numpy/jax dtypes become np.dtype."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"dtype {dtype!r} not supported; choose one of "
+                                  f"{sorted(DTYPE_NAMES)}")
+        return DTYPE_NAMES[dtype]
+    return np.dtype(dtype)
+
+
+def dtype_name(dtype) -> str:
+    d = np.dtype(dtype)
+    for name, known in DTYPE_NAMES.items():
+        if d == known:
+            return name
+    raise CheckpointError(f"dtype {d} not supported; choose one of {sorted(DTYPE_NAMES)}")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size) -> int:
+    """'5GB' -> 5e9, '500MB' -> 5e8, '2GiB' -> 2**31, 1234 -> 1234 (decimal units, as HF)."""
+    if isinstance(size, (int, np.integer)):
+        n = int(size)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+        if not m or m.group(2).upper() not in _SIZE_UNITS:
+            raise CheckpointError(f"cannot parse size {size!r}; use e.g. 5GB, 500MB, 2GiB")
+        n = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise CheckpointError(f"size must be positive, got {size!r}")
+    return n
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out, overwrite: bool = False) -> Iterator[str]:
+    """Yield a fresh temp dir beside `out`; on success rename it to `out`, on error delete it.
+
+    The existence check happens before any work so that a refused run writes nothing. With
+    `overwrite`, the old `out` is moved aside and deleted only after the new one is in place.
+    """
+    out = os.path.abspath(os.fspath(out))
+    if os.path.lexists(out) and not overwrite:
+        raise CheckpointError(f"{out}: output already exists (pass overwrite=True / --overwrite "
+                              "to replace it)")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{tag}")
+    os.mkdir(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.lexists(out):
+        old = os.path.join(parent, f".{os.path.basename(out)}.old-{tag}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        if os.path.isdir(old) and not os.path.islink(old):
+            shutil.rmtree(old)
+        else:
+            os.unlink(old)

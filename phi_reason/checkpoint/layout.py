@@ -1,0 +1,124 @@
+"""Where each of our parameter leaves lives inside the Hugging Face state dict.
+
+Derived only from `param_specs(cfg)`: `hf_name` ("{i}" = layer), `hf_slice` (row range inside a
+fused tensor) and the logical axes. Torch `Linear.weight` is `[out, in]` while our layout is
+`x @ W`, so linear weights are transposed: a leaf whose first per-layer axis is "embed" has
+`in = hidden`, otherwise `out = hidden` (its last axis). The embedding table (first axis "vocab")
+and the norms are stored as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..model.config import ModelConfig
+from ..model.params import ParamSpec, param_specs
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One layer (or the whole leaf, layer None) of a leaf: its rows inside an HF tensor."""
+    path: Tuple[str, ...]
+    layer: Optional[int]
+    hf_name: str
+    row_start: int  # first row in the HF tensor (0 unless the HF tensor is fused)
+    hf_block_shape: Tuple[int, ...]  # shape of this piece in HF layout
+
+
+def layer_shape(spec: ParamSpec) -> Tuple[int, ...]:
+    return spec.shape[1:] if spec.stacked else spec.shape
+
+
+def num_layers(spec: ParamSpec) -> Optional[int]:
+    return spec.shape[0] if spec.stacked else None
+
+
+def _is_linear(spec: ParamSpec) -> bool:
+    axes = spec.axes[1:] if spec.stacked else spec.axes
+    return len(axes) >= 2 and axes[0] != "vocab"
+
+
+def _in_out(spec: ParamSpec) -> Tuple[int, int]:
+    shape = layer_shape(spec)
+    axes = spec.axes[1:] if spec.stacked else spec.axes
+    size = int(np.prod(shape))
+    n_in = shape[0] if axes[0] == "embed" else size // shape[-1]
+    return n_in, size // n_in
+
+
+def hf_block_shape(spec: ParamSpec) -> Tuple[int, ...]:
+    """Shape of one layer of `spec` in HF layout (rows of the fused tensor when fused)."""
+    if _is_linear(spec):
+        n_in, n_out = _in_out(spec)
+        return (n_out, n_in)
+    return layer_shape(spec)
+
+
+def to_hf_block(spec: ParamSpec, x: np.ndarray) -> np.ndarray:
+    """One layer of a leaf (our layout) -> its block in HF layout, C-contiguous."""
+    if _is_linear(spec):
+        n_in, n_out = _in_out(spec)
+        return np.ascontiguousarray(x.reshape(n_in, n_out).T)
+    return np.ascontiguousarray(x)
+
+
+def from_hf_block(spec: ParamSpec, block: np.ndarray) -> np.ndarray:
+    """Inverse of `to_hf_block`: an HF-layout block -> one layer of the leaf (a view when possible)."""
+    if _is_linear(spec):
+        return block.T.reshape(layer_shape(spec))
+    return block.reshape(layer_shape(spec))
+
+
+def leaf_pieces(spec: ParamSpec) -> List[Piece]:
+    row0 = spec.hf_slice[0] if spec.hf_slice else 0
+    block = hf_block_shape(spec)
+    if spec.hf_slice and spec.hf_slice[1] - spec.hf_slice[0] != block[0]:
+        raise AssertionError(f"{spec.path}: hf_slice {spec.hf_slice} has "
+                             f"{spec.hf_slice[1] - spec.hf_slice[0]} rows, block has {block[0]}")
+    if not spec.stacked:
+        return [Piece(spec.path, None, spec.hf_name, row0, block)]
+    return [Piece(spec.path, i, spec.hf_name.format(i=i), row0, block)
+            for i in range(spec.shape[0])]
+
+
+def hf_tensor_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Every HF tensor name -> its expected shape, in state-dict order (embed, layer 0 .. L-1,
+    final norm, lm_head)."""
+    specs = param_specs(cfg)
+    per_template: Dict[str, Tuple[int, ...]] = {}
+    for spec in specs.values():
+        block = hf_block_shape(spec)
+        if spec.hf_slice:
+            rows = max(spec.hf_slice[1], per_template.get(spec.hf_name, (0,))[0])
+            per_template[spec.hf_name] = (rows,) + block[1:]
+        else:
+            per_template[spec.hf_name] = block
+    out: Dict[str, Tuple[int, ...]] = {}
+    layer_templates = list(dict.fromkeys(s.hf_name for s in specs.values() if s.stacked))
+    layers_done = False
+    for spec in specs.values():
+        if spec.stacked:
+            if not layers_done:
+                for i in range(cfg.num_hidden_layers):
+                    for t in layer_templates:
+                        out[t.format(i=i)] = per_template[t]
+                layers_done = True
+        else:
+            out[spec.hf_name] = per_template[spec.hf_name]
+    _check_fused_coverage(specs, per_template)
+    return out
+
+
+def _check_fused_coverage(specs, per_template):
+    """Fused slices must tile their HF tensor exactly (else the round trip would lose rows)."""
+    ranges: Dict[str, List[Tuple[int, int]]] = {}
+    for s in specs.values():
+        if s.hf_slice:
+            ranges.setdefault(s.hf_name, []).append(s.hf_slice)
+    for name, rs in ranges.items():
+        rs.sort()
+        edges = [0] + [b for _, b in rs]
+        if [a for a, _ in rs] != edges[:-1] or edges[-1] != per_template[name][0]:
+            raise AssertionError(f"{name}: fused slices {rs} do not tile the tensor")
