@@ -35,6 +35,8 @@ class Group:
     correct: np.ndarray     # [G] bool: grader verdict (reward mode)
     rewards: np.ndarray     # [G] float: composite reward
     advantages: Optional[np.ndarray] = None  # [G], set by the RL loop
+    old_logprobs: Optional[list] = None  # G lists: pre-update policy log-probs (RL loop)
+    ref_logprobs: Optional[list] = None  # G lists: reference log-probs (only when beta > 0)
 
     @property
     def lengths(self) -> np.ndarray:

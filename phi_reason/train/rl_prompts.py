@@ -1,0 +1,64 @@
+"""RL prompt stream: a deterministic, resumable shuffle over problems, with prompt retirement.
+
+Each epoch is a fresh permutation drawn from (seed, epoch), so the stream is reproducible and its
+position is two integers. Prompts the policy has mastered (a whole group correct) can be
+*retired*: skipped in later epochs (Phi-4-mini-reasoning's prompt filtering drops all-correct
+prompts). `get_state()` / `set_state()` round-trip through JSON for checkpoints.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .rollouts import Prompt
+
+
+class PromptIterator:
+    def __init__(self, prompts: Sequence[Prompt], seed: int = 0, shuffle: bool = True):
+        if not prompts:
+            raise ValueError("the RL prompt set is empty")
+        uids = [p.uid for p in prompts]
+        if len(set(uids)) != len(uids):
+            raise ValueError("RL prompts need unique uids")
+        self.prompts = list(prompts)
+        self.seed, self.shuffle = seed, shuffle
+        self.epoch, self.index = 0, 0
+        self.retired: set = set()
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.prompts))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+
+    def retire(self, uids) -> None:
+        self.retired.update(uids)
+
+    def take(self, n: int) -> list:
+        """The next n active prompts (wrapping into new epochs)."""
+        if len(self.retired) >= len(self.prompts):
+            raise RuntimeError("every RL prompt has been retired by the prompt filter")
+        out = []
+        while len(out) < n:
+            if self.index >= len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            p = self.prompts[self._order[self.index]]
+            self.index += 1
+            if p.uid not in self.retired:
+                out.append(p)
+        return out
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "retired": sorted(self.retired),
+                "seed": self.seed, "num_prompts": len(self.prompts)}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("num_prompts") != len(self.prompts) or state.get("seed") != self.seed:
+            raise ValueError(f"prompt iterator state is for {state.get('num_prompts')} prompts "
+                             f"(seed {state.get('seed')}), this run has {len(self.prompts)} "
+                             f"(seed {self.seed})")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.retired = set(state["retired"])
+        self._order = self._permutation(self.epoch)
