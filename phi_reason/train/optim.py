@@ -1,0 +1,54 @@
+"""AdamW with warm-up + cosine/linear/constant schedules, global-norm clipping, and a
+weight-decay mask derived from the parameter declarations (no decay on norm weights)."""
+from __future__ import annotations
+
+import jax
+import optax
+
+from ..model.config import ModelConfig
+from ..model.params import param_specs, unflatten_params
+
+
+def learning_rate_schedule(train_cfg, total_steps: int):
+    """Linear warm-up from 0 to `lr`, then cosine / linear decay to `lr * min_lr_ratio` at
+    `total_steps`, or constant."""
+    peak = train_cfg.lr
+    warmup = train_cfg.warmup_steps or int(round(train_cfg.warmup_ratio * total_steps))
+    warmup = min(warmup, max(total_steps - 1, 0))
+    end = peak * train_cfg.min_lr_ratio
+    decay_steps = max(total_steps - warmup, 1)
+    if train_cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=train_cfg.min_lr_ratio)
+    elif train_cfg.schedule == "linear":
+        after = optax.linear_schedule(peak, end, decay_steps)
+    elif train_cfg.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    else:
+        raise ValueError(f"train.schedule: unknown schedule {train_cfg.schedule!r}")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def weight_decay_mask(cfg: ModelConfig) -> dict:
+    """True where weight decay applies: every weight except norm scales. A norm scale is a
+    weight with one feature axis (besides the stacked "layers" axis): ln1, ln2, final_norm."""
+    return unflatten_params({
+        path: len([a for a in spec.axes if a != "layers"]) > 1
+        for path, spec in param_specs(cfg).items()})
+
+
+def make_optimizer(train_cfg, cfg: ModelConfig, total_steps: int | None = None):
+    """optax chain: clip by global norm -> AdamW (decoupled decay, masked) with the schedule.
+
+    `total_steps` defaults to `train_cfg.steps`; it sets the length of the decay."""
+    total = total_steps or train_cfg.steps
+    if total is None:
+        raise ValueError("make_optimizer: total_steps unknown (set train.steps)")
+    schedule = learning_rate_schedule(train_cfg, total)
+    parts = []
+    if train_cfg.grad_clip:
+        parts.append(optax.clip_by_global_norm(train_cfg.grad_clip))
+    parts.append(optax.adamw(schedule, b1=train_cfg.b1, b2=train_cfg.b2, eps=train_cfg.eps,
+                             weight_decay=train_cfg.weight_decay, mask=weight_decay_mask(cfg)))
+    return optax.chain(*parts), schedule

@@ -1,0 +1,275 @@
+"""Step functions: jitted `(state, batch) -> (state, metrics)` for SFT, DPO and policy gradient.
+
+One shape for all three: global normalisers from the whole batch, gradients accumulated over
+`train.micro_batch_size` micro-batches (a `lax.scan`, so the result equals the full-batch step),
+then one optimizer update that is applied only when the loss and gradient norm are finite (a
+non-finite step leaves params and optimizer state untouched; the trainer decides whether to stop
+or go on). The state argument is donated. With a mesh, state and batch get explicit shardings
+from `phi_reason.sharding` (parameters by their logical axes, batches over the data axes).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from ..model.config import ModelConfig
+from ..model.decoder import forward
+from .losses import (DPO_LENGTH_NORMALISED, PG_LOSSES, SFT_LOSSES, Norms, dpo_loss,
+                     reduce_micro_metrics, target_mask, token_entropy, token_logprobs)
+from .optim import make_optimizer
+from .state import TrainState
+
+_SEQ_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
+
+
+def _micro_split(batch: Dict[str, jax.Array], n: int):
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by {n} micro-batches")
+        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    return {k: split(v) for k, v in batch.items()}
+
+
+def _accumulate(loss_fn, params, batch, n_micro: int):
+    """Sum of per-micro-batch gradients and metrics (losses are pre-normalised globally)."""
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if n_micro == 1:
+        return grad_fn(params, batch)
+
+    def body(acc, mb):
+        g, m = grad_fn(params, mb)
+        return jax.tree_util.tree_map(jnp.add, acc, g), m
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    grads, stacked = lax.scan(body, zeros, _micro_split(batch, n_micro))
+    return grads, reduce_micro_metrics(stacked)
+
+
+def _apply(state: TrainState, grads, metrics, optimizer, schedule) -> tuple:
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+    new_state = state.replace(
+        params=jax.tree_util.tree_map(keep, new_params, state.params),
+        opt_state=jax.tree_util.tree_map(keep, new_opt, state.opt_state),
+        step=state.step + 1, rng=jax.random.split(state.rng)[0])
+    metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
+                   finite=finite.astype(jnp.float32))
+    return new_state, metrics
+
+
+def _forward(params, cfg, batch, prefix="", constrain=None):
+    return forward(params, batch[prefix + "tokens"], cfg, positions=batch.get(prefix + "positions"),
+                   segment_ids=batch[prefix + "segment_ids"], constrain=constrain)
+
+
+def _token_counts(batch, prefix=""):
+    seg = batch[prefix + "segment_ids"]
+    return jnp.sum((seg != 0).astype(jnp.float32))
+
+
+# --------------------------------------------------------------------------- SFT
+def make_sft_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
+    if train_cfg.loss not in SFT_LOSSES:
+        raise ValueError(f"train.loss: unknown SFT loss {train_cfg.loss!r}; "
+                         f"choose from {sorted(SFT_LOSSES)}")
+    loss_impl = SFT_LOSSES[train_cfg.loss]
+    optimizer, schedule = make_optimizer(train_cfg, cfg)
+    constrain = _constraint(mesh)
+
+    def step(state: TrainState, batch):
+        denom = jnp.maximum(jnp.sum(target_mask(batch)), 1.0)
+
+        def loss_fn(params, mb):
+            return loss_impl(_forward(params, cfg, mb, constrain=constrain), mb, denom)
+
+        grads, metrics = _accumulate(loss_fn, state.params, batch,
+                                     train_cfg.accumulation_steps)
+        metrics = dict(metrics, tokens=_token_counts(batch), target_tokens=denom)
+        return _apply(state, grads, metrics, optimizer, schedule)
+
+    return _jit(step, cfg, mesh)
+
+
+# --------------------------------------------------------------------------- DPO
+def _pair_logps(params, cfg, batch, constrain=None):
+    """Sequence log-prob sums and target counts for chosen and rejected ([b] each)."""
+    def sums(logits, prefix):
+        mask = target_mask({k: batch[prefix + k] for k in ("loss_mask", "segment_ids")})
+        lp = token_logprobs(logits, batch[prefix + "tokens"])
+        return jnp.sum(lp * mask, -1), jnp.sum(mask, -1)
+
+    if batch["chosen_tokens"].shape == batch["rejected_tokens"].shape:
+        both = {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]])
+                for k in _SEQ_KEYS if "chosen_" + k in batch}
+        logits = _forward(params, cfg, both, constrain=constrain)
+        b = batch["chosen_tokens"].shape[0]
+        (c_sum, c_n), (r_sum, r_n) = (sums(logits[:b], "chosen_"), sums(logits[b:], "rejected_"))
+    else:
+        c_sum, c_n = sums(_forward(params, cfg, batch, "chosen_", constrain), "chosen_")
+        r_sum, r_n = sums(_forward(params, cfg, batch, "rejected_", constrain), "rejected_")
+    return c_sum, c_n, r_sum, r_n
+
+
+def make_dpo_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
+    """Reference log-probs come from the batch (`chosen_ref_logps` / `rejected_ref_logps`: sums
+    over target tokens, as `sequence_logprobs` returns them) or else from `state.ref_params`."""
+    d = train_cfg.dpo
+    optimizer, schedule = make_optimizer(train_cfg, cfg)
+    constrain = _constraint(mesh)
+    normalise = d.loss_type in DPO_LENGTH_NORMALISED
+
+    def step(state: TrainState, batch):
+        n_pairs = batch["chosen_tokens"].shape[0]
+        if "chosen_ref_logps" not in batch:
+            if state.ref_params is None:
+                raise ValueError("DPO step: the batch has no chosen_ref_logps/rejected_ref_logps "
+                                 "and the state has no ref_params")
+            ref = _pair_logps(lax.stop_gradient(state.ref_params), cfg, batch, constrain)
+            batch = dict(batch, chosen_ref_logps=ref[0], rejected_ref_logps=ref[2])
+
+        def loss_fn(params, mb):
+            c_sum, c_n, r_sum, r_n = _pair_logps(params, cfg, mb, constrain)
+            rc, rr = mb["chosen_ref_logps"], mb["rejected_ref_logps"]
+            if normalise:  # trl: IPO compares average per-token log-probs
+                c_n, r_n = jnp.maximum(c_n, 1.0), jnp.maximum(r_n, 1.0)
+                c_sum, r_sum, rc, rr = c_sum / c_n, r_sum / r_n, rc / c_n, rr / r_n
+            return dpo_loss(d.loss_type, c_sum, r_sum, rc, rr, d.beta, d.label_smoothing,
+                            n_pairs)
+
+        grads, metrics = _accumulate(loss_fn, state.params, batch,
+                                     train_cfg.accumulation_steps)
+        metrics = dict(metrics, tokens=_token_counts(batch, "chosen_")
+                       + _token_counts(batch, "rejected_"))
+        return _apply(state, grads, metrics, optimizer, schedule)
+
+    return _jit(step, cfg, mesh)
+
+
+def make_reference_logps_fn(cfg: ModelConfig, mesh=None) -> Callable:
+    """Jitted `(ref_params, dpo_batch) -> (chosen_sums [B], rejected_sums [B])`: the one pass
+    over the data that replaces a resident reference model."""
+    constrain = _constraint(mesh)
+
+    def fn(params, batch):
+        c_sum, _, r_sum, _ = _pair_logps(params, cfg, batch, constrain)
+        return c_sum, r_sum
+
+    return jax.jit(fn)
+
+
+# --------------------------------------------------------------------------- policy gradient
+def make_pg_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
+    """Batch: tokens, positions, segment_ids, loss_mask (1 on completion tokens), advantages [B],
+    optionally old_logprobs / ref_logprobs [B, T] aligned to tokens. Without old_logprobs the
+    step is on-policy (ratio 1 with the gradient of log pi)."""
+    p = train_cfg.pg
+    if p.loss_type not in PG_LOSSES:
+        raise ValueError(f"train.pg.loss_type: unknown {p.loss_type!r}; "
+                         f"choose from {sorted(PG_LOSSES)}")
+    loss_impl = PG_LOSSES[p.loss_type]
+    optimizer, schedule = make_optimizer(train_cfg, cfg)
+    constrain = _constraint(mesh)
+
+    def step(state: TrainState, batch):
+        b, t = batch["tokens"].shape
+        mask_all = target_mask(batch)
+        norms = Norms(sequences=jnp.float32(b), tokens=jnp.maximum(jnp.sum(mask_all), 1.0),
+                      max_length=jnp.float32(p.max_completion_length or t))
+
+        def loss_fn(params, mb):
+            logits = _forward(params, cfg, mb, constrain=constrain)
+            logp = token_logprobs(logits, mb["tokens"])
+            old = mb.get("old_logprobs")
+            old = lax.stop_gradient(logp) if old is None else old.astype(jnp.float32)
+            entropy = token_entropy(logits)
+            if not p.entropy_coef:
+                entropy = lax.stop_gradient(entropy)
+            return loss_impl(logp, old, mb["advantages"], target_mask(mb), norms,
+                             epsilon_low=p.epsilon_low, epsilon_high=p.epsilon_high,
+                             beta=p.beta, ref_logp=mb.get("ref_logprobs"), entropy=entropy,
+                             entropy_coef=p.entropy_coef)
+
+        grads, metrics = _accumulate(loss_fn, state.params, batch,
+                                     train_cfg.accumulation_steps)
+        metrics = dict(metrics, tokens=_token_counts(batch), target_tokens=norms.tokens)
+        return _apply(state, grads, metrics, optimizer, schedule)
+
+    return _jit(step, cfg, mesh)
+
+
+# --------------------------------------------------------------------------- jit + shardings
+def _constraint(mesh):
+    if mesh is None:
+        return None
+    from ..sharding import rules
+    return rules.activation_constraint(mesh)
+
+
+def _jit(step, cfg: ModelConfig, mesh):
+    if mesh is None:
+        return jax.jit(step, donate_argnums=(0,))
+    return ShardedStep(step, cfg, mesh)
+
+
+def state_shardings(state: TrainState, cfg: ModelConfig, mesh):
+    """Shardings for a TrainState: params (and ref params) by their logical axes; optimizer
+    leaves that mirror a parameter (Adam's mu / nu) like that parameter; the rest replicated."""
+    from ..model.params import flatten_params, param_specs
+    from ..sharding import rules
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    param_sh = rules.param_shardings(cfg, mesh)
+    flat = flatten_params(param_sh)
+    shapes = {path: spec.shape for path, spec in param_specs(cfg).items()}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def opt_leaf(path, leaf):
+        keys = tuple(getattr(k, "key", None) for k in path)
+        for n in range(len(keys), 0, -1):
+            suffix = keys[-n:]
+            if suffix in flat and tuple(getattr(leaf, "shape", ())) == shapes[suffix]:
+                return flat[suffix]
+        return replicated
+
+    opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, state.opt_state)
+    return state.replace(params=param_sh, opt_state=opt_sh, step=replicated, rng=replicated,
+                         ref_params=None if state.ref_params is None else param_sh)
+
+
+def batch_shardings(batch, mesh):
+    """[B, ...] arrays split over the batch mesh axes (rank-matched specs)."""
+    from ..sharding import rules
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    base = rules.batch_sharding(mesh).spec[0]
+    return {k: NamedSharding(mesh, PartitionSpec(base, *([None] * (jnp.ndim(v) - 1))))
+            for k, v in batch.items()}
+
+
+class ShardedStep:
+    """jit with explicit in/out shardings, built on first call from the state and batch
+    structure (a batch with different keys or ranks gets its own compilation)."""
+
+    def __init__(self, step, cfg: ModelConfig, mesh):
+        self.step, self.cfg, self.mesh = step, cfg, mesh
+        self._compiled = {}
+
+    def __call__(self, state, batch):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        key = tuple(sorted((k, jnp.ndim(v)) for k, v in batch.items())) + (
+            state.ref_params is None,)
+        if key not in self._compiled:
+            s_sh = state_shardings(state, self.cfg, self.mesh)
+            self._compiled[key] = jax.jit(
+                self.step, donate_argnums=(0,),
+                in_shardings=(s_sh, batch_shardings(batch, self.mesh)),
+                out_shardings=(s_sh, NamedSharding(self.mesh, PartitionSpec())))
+        return self._compiled[key](state, batch)
