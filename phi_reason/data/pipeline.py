@@ -1,0 +1,342 @@
+"""grain input pipelines for SFT (packed or padded), DPO pairs and RL prompts.
+
+    records -> shuffle(seed) -> repeat(epochs) -> this host's shard -> tokenize -> [per worker:]
+    length policy -> first-fit packing / padded rows -> batch
+
+Every stage is a grain `MapDataset`/`IterDataset`, so the iterator state is a small dict that goes
+into training checkpoints (`BatchIterator.get_state()` / `set_state()`), and a restored pipeline
+yields exactly the batches the uninterrupted one would have. Shuffling is grain's index shuffle
+(a different permutation per epoch), so no buffer is involved.
+
+Batches are dicts of int32 numpy arrays [rows, seq_len] (see packing.py); `batch_size` is the
+global batch and each of `shard_count` hosts gets `batch_size // shard_count` rows. Length-policy
+events (examples truncated or dropped) are counted per batch inside the workers and summed by
+`BatchIterator.stats`, so the counts are exact with any number of workers and across resumes.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import grain
+import numpy as np
+
+from .chat import render_completion, render_conversation, render_prompt
+from .packing import FirstFitBins, apply_length_policy, pad_rows
+
+STAT_PREFIX = "stat_"
+STAT_NAMES = ("examples", "truncated", "dropped")
+
+
+# ------------------------------------------------------------------------------ record -> example
+@dataclasses.dataclass
+class SFTExample:
+    """{"messages"} -> {"tokens", "loss_mask"} int32 arrays."""
+    tokenizer: object
+    fmt: str
+
+    def __call__(self, record):
+        ids, mask = render_conversation(record["messages"], self.tokenizer, self.fmt)
+        return {"tokens": np.asarray(ids, np.int32), "loss_mask": np.asarray(mask, np.int32)}
+
+
+@dataclasses.dataclass
+class DPOExample:
+    """{"prompt", "chosen", "rejected"} -> chosen_/rejected_ tokens and loss_mask arrays."""
+    tokenizer: object
+    fmt: str
+
+    def __call__(self, record):
+        prompt = render_prompt(record["prompt"], self.tokenizer, self.fmt)
+        out = {}
+        for side in ("chosen", "rejected"):
+            ids, mask = render_completion(prompt, record[side], self.tokenizer, self.fmt)
+            out[f"{side}_tokens"] = np.asarray(ids, np.int32)
+            out[f"{side}_loss_mask"] = np.asarray(mask, np.int32)
+        return out
+
+
+@dataclasses.dataclass
+class PromptExample:
+    """{"prompt", "answer"} -> {"prompt_ids" int32 array, "answer" str}."""
+    tokenizer: object
+    fmt: str
+
+    def __call__(self, record):
+        ids = render_prompt(record["prompt"], self.tokenizer, self.fmt)
+        return {"prompt_ids": np.asarray(ids, np.int32), "answer": record["answer"]}
+
+
+# ------------------------------------------------------------------------------ batch assembly
+class PackedRows:
+    """First-fit packing into `rows` x `seq_len`; a batch is complete when an example fits no row."""
+
+    def __init__(self, rows, seq_len, pad_id):
+        self.rows, self.seq_len, self.pad_id = rows, seq_len, pad_id
+
+    def start(self):
+        return FirstFitBins(self.rows, self.seq_len, self.pad_id)
+
+    def add(self, acc, example) -> bool:
+        return acc.add(example)
+
+    def full(self, acc) -> bool:
+        return False
+
+    def finish(self, acc):
+        return acc.batch
+
+
+class PaddedRows:
+    """One example per row padded to `seq_len`; `sides` ("chosen", "rejected") pads each side of a
+    preference pair into its own prefixed set of arrays."""
+
+    def __init__(self, rows, seq_len, pad_id, sides=None):
+        self.rows, self.seq_len, self.pad_id, self.sides = rows, seq_len, pad_id, sides
+
+    def start(self):
+        return []
+
+    def add(self, acc, example) -> bool:
+        acc.append(example)
+        return True
+
+    def full(self, acc) -> bool:
+        return len(acc) == self.rows
+
+    def finish(self, acc):
+        if self.sides is None:
+            return pad_rows(acc, self.rows, self.seq_len, self.pad_id)
+        batch = {}
+        for side in self.sides:
+            examples = [{"tokens": e[f"{side}_tokens"], "loss_mask": e[f"{side}_loss_mask"]} for e in acc]
+            for k, v in pad_rows(examples, self.rows, self.seq_len, self.pad_id).items():
+                batch[f"{side}_{k}"] = v
+        return batch
+
+
+class PromptRows:
+    """`rows` prompts as lists: {"prompt_ids": list[list[int]], "answers": list[str]}."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def start(self):
+        return []
+
+    def add(self, acc, example) -> bool:
+        acc.append(example)
+        return True
+
+    def full(self, acc) -> bool:
+        return len(acc) == self.rows
+
+    def finish(self, acc):
+        return {"prompt_ids": [e["prompt_ids"].tolist() for e in acc],
+                "answers": [e["answer"] for e in acc]}
+
+
+class _BatchIterator(grain.DatasetIterator):
+    def __init__(self, parent, seq_len, policy, drop_remainder):
+        super().__init__(parent)
+        self._seq_len, self._policy, self._drop_remainder = seq_len, policy, drop_remainder
+        # An example read but not placed (it fit no row of the previous packed batch), with its
+        # length-policy event and the parent state from just before it was read.
+        self._pending = None
+
+    def _read(self):
+        """(example or None if dropped, event, parent state before reading) or None at the end."""
+        before = self._parent.get_state()
+        try:
+            example = next(self._parent)
+        except StopIteration:
+            return None
+        example, event = apply_length_policy(example, self._seq_len, self._policy.length_policy)
+        return example, event, before
+
+    def __next__(self):
+        strategy = self._policy.strategy
+        acc = strategy.start()
+        stats = collections.Counter()
+        placed, exhausted = 0, False
+        while not strategy.full(acc):
+            if self._pending is not None:
+                item, self._pending = self._pending, None
+            else:
+                item = self._read()
+                if item is None:
+                    exhausted = True
+                    break
+            example, event, _ = item
+            if example is not None and not strategy.add(acc, example):
+                self._pending = item  # starts the next batch and is counted there
+                break
+            stats["examples"] += 1
+            if event:
+                stats[event] += 1
+            placed += example is not None
+        if placed == 0 or (exhausted and self._drop_remainder):
+            raise StopIteration
+        batch = strategy.finish(acc)
+        for name in STAT_NAMES:
+            batch[STAT_PREFIX + name] = np.int64(stats[name])
+        return batch
+
+    def get_state(self):
+        # With a pending example, resume must re-read it: restore the parent to just before it.
+        parent = self._pending[2] if self._pending is not None else self._parent.get_state()
+        return {"parent": parent}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._pending = None
+
+
+@dataclasses.dataclass
+class _Policy:
+    strategy: object
+    length_policy: str
+
+
+class BatchIterDataset(grain.IterDataset):
+    """Examples -> fixed-shape batches under a length policy (see `_BatchIterator`)."""
+
+    def __init__(self, parent, strategy, seq_len, length_policy="truncate", drop_remainder=False):
+        super().__init__(parent)
+        if length_policy not in ("truncate", "drop"):
+            raise ValueError(f"length_policy must be 'truncate' or 'drop', got {length_policy!r}")
+        self._policy = _Policy(strategy, length_policy)
+        self._seq_len = seq_len
+        self._drop_remainder = drop_remainder
+
+    def __iter__(self):
+        return _BatchIterator(self._parent.__iter__(), self._seq_len, self._policy,
+                              self._drop_remainder)
+
+
+# ------------------------------------------------------------------------------ the iterator
+class BatchIterator:
+    """The pipeline's iterator for training loops: batches without the per-batch stat entries,
+    cumulative `stats`, and a checkpointable state {"pipeline": grain state, "stats": counts}."""
+
+    def __init__(self, dataset: grain.IterDataset):
+        self._iterator = iter(dataset)
+        self.stats = collections.Counter({name: 0 for name in STAT_NAMES})
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._iterator)
+        for key in [k for k in batch if k.startswith(STAT_PREFIX)]:
+            self.stats[key[len(STAT_PREFIX):]] += int(batch.pop(key))
+        return batch
+
+    def get_state(self) -> dict:
+        return {"pipeline": self._iterator.get_state(), "stats": dict(self.stats)}
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(state["pipeline"])
+        self.stats = collections.Counter(state["stats"])
+
+    def close(self):
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def _local_rows(batch_size, shard_count):
+    if batch_size % shard_count:
+        raise ValueError(f"global batch_size {batch_size} is not divisible by {shard_count} hosts")
+    return batch_size // shard_count
+
+
+def _host_shard(shard_index, shard_count):
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} outside [0, {shard_count})")
+    return shard_index, shard_count
+
+
+def example_dataset(records, to_example, *, seed=0, shuffle=True, num_epochs=None, shard_index=None,
+                    shard_count=None) -> grain.MapDataset:
+    """records -> shuffled (new permutation each epoch) -> repeated -> this host's shard -> examples.
+    Sharding after shuffle and repeat splits the one global stream: host h takes its elements
+    h, h + hosts, ... so hosts never see the same element of an epoch."""
+    if len(records) == 0:
+        raise ValueError("no records")
+    shard_index, shard_count = _host_shard(shard_index, shard_count)
+    ds = grain.MapDataset.source(records)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    if shard_count > 1:
+        ds = ds[shard_index::shard_count]
+    return ds.map(to_example)
+
+
+def _allow_unparsed_absl_flags():
+    """grain 0.2.x's mp_prefetch reads an absl flag that raises UnparsedFlagAccessError in programs
+    that do not run under absl.app (google/grain#1355, fixed upstream by #1362); marking the flags
+    parsed makes every flag read its default, which is what such programs get anyway."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _finish(examples: grain.MapDataset, strategy, seq_len, length_policy, workers, drop_remainder):
+    ds = BatchIterDataset(examples.to_iter_dataset(), strategy, seq_len, length_policy, drop_remainder)
+    if workers > 0:
+        _allow_unparsed_absl_flags()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return BatchIterator(ds)
+
+
+def sft_batches(records, tokenizer, fmt, *, seq_len, batch_size, packed=True, seed=0, shuffle=True,
+                num_epochs=None, length_policy="truncate", shard_index=None, shard_count=None,
+                workers=0, drop_remainder=False) -> BatchIterator:
+    """SFT batches from chat records ({"messages"}): packed first-fit rows (mid-training) or one
+    conversation per padded row (`packed=False`, so the model sees each end-of-turn in place)."""
+    shard_index, shard_count = _host_shard(shard_index, shard_count)
+    rows = _local_rows(batch_size, shard_count)
+    strategy = (PackedRows if packed else PaddedRows)(rows, seq_len, tokenizer.pad_id)
+    examples = example_dataset(records, SFTExample(tokenizer, fmt), seed=seed, shuffle=shuffle,
+                               num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count)
+    return _finish(examples, strategy, seq_len, length_policy, workers, drop_remainder)
+
+
+def dpo_batches(records, tokenizer, fmt, *, seq_len, batch_size, seed=0, shuffle=True,
+                num_epochs=None, length_policy="truncate", shard_index=None, shard_count=None,
+                workers=0, drop_remainder=False) -> BatchIterator:
+    """Preference batches: row i of chosen_* and rejected_* is one pair (prompt + response)."""
+    shard_index, shard_count = _host_shard(shard_index, shard_count)
+    rows = _local_rows(batch_size, shard_count)
+    strategy = PaddedRows(rows, seq_len, tokenizer.pad_id, sides=("chosen", "rejected"))
+    examples = example_dataset(records, DPOExample(tokenizer, fmt), seed=seed, shuffle=shuffle,
+                               num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count)
+    return _finish(examples, strategy, seq_len, length_policy, workers, drop_remainder)
+
+
+def prompt_batches(records, tokenizer, fmt, *, batch_size, max_prompt_len, seed=0, shuffle=True,
+                   num_epochs=None, shard_index=None, shard_count=None, drop_remainder=False
+                   ) -> BatchIterator:
+    """RL prompt batches {"prompt_ids": list[list[int]], "answers": list[str]}; prompts longer than
+    `max_prompt_len` are dropped (counted): a cut prompt would ask a different question."""
+    shard_index, shard_count = _host_shard(shard_index, shard_count)
+    rows = _local_rows(batch_size, shard_count)
+    examples = example_dataset(records, PromptExample(tokenizer, fmt), seed=seed, shuffle=shuffle,
+                               num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count)
+    return _finish(examples, PromptRows(rows), max_prompt_len, "drop", 0, drop_remainder)
+
+
+def global_batch(local_batch: dict, sharding) -> dict:
+    """Assemble this host's rows into global jax.Arrays laid out by `sharding` (a NamedSharding
+    over [batch, seq]); on one host it is a plain device_put."""
+    import jax
+
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

@@ -1,0 +1,248 @@
+"""Record sources and schema adapters.
+
+Sources (`read_records`): JSONL, Parquet (pyarrow), ArrayRecord (JSON records; when `array_record` is
+installed), TFDS (`tfds:NAME[:SPLIT]`, when tensorflow_datasets is installed) and `datasets` saved to
+disk (`datasets.load_from_disk`, when installed). Every record carries where it came from
+("file:line", "file:row N") so that errors name it.
+
+Schemas (`load_records(..., schema=...)`) turn raw records into the normalised kinds the pipelines eat:
+  chat             {"messages": [...]}                         (SFT)
+  prompt_response  {"messages": [user prompt, assistant response]}
+  math             MATH problem/solution -> messages + "answer" (last balanced \\boxed{})
+  gsm8k            question/answer -> messages + "answer" (after ####)
+  dpo              {"prompt": messages, "chosen": str, "rejected": str}
+  rl               {"prompt": messages, "answer": str}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+
+from .boxed import gsm8k_answer, last_boxed
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line (or row) and what was expected."""
+
+
+@dataclasses.dataclass
+class Records:
+    records: list            # normalised records
+    where: list              # "file:line" of each record
+    skipped: int = 0         # bad records skipped under skip_bad_records
+    skipped_reasons: list = dataclasses.field(default_factory=list)
+
+    def __len__(self):
+        return len(self.records)
+
+
+# ------------------------------------------------------------------------------------------ readers
+def _read_jsonl(path: pathlib.Path, bad):
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad(where, f"malformed JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(record, dict):
+                bad(where, f"expected a JSON object, got {type(record).__name__}")
+                continue
+            yield where, record
+
+
+def _read_parquet(path: pathlib.Path, bad):
+    import pyarrow.parquet as pq
+
+    for i, record in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path}:row {i}", record
+
+
+def _read_array_record(path: pathlib.Path, bad):
+    try:
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+    except ImportError as e:
+        raise DataError(f"{path}: reading ArrayRecord files needs the array_record package") from e
+    source = ArrayRecordDataSource([str(path)])
+    for i in range(len(source)):
+        where = f"{path}:record {i}"
+        try:
+            record = json.loads(source[i])
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            bad(where, f"record is not a JSON object ({e})")
+            continue
+        yield where, record
+
+
+def _read_tfds(spec: str, bad):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise DataError(f"{spec}: TFDS sources need tensorflow_datasets installed") from e
+    _, name, *rest = spec.split(":")
+    split = rest[0] if rest else "train"
+    source = tfds.data_source(name, split=split)
+    for i in range(len(source)):
+        yield f"{spec}:record {i}", _decode_bytes(dict(source[i]))
+
+
+def _read_hf_disk(path: pathlib.Path, bad):
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"{path}: a `datasets` directory needs the datasets package") from e
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        raise DataError(f"{path}: holds splits {list(ds)}; point at one split's directory")
+    for i, record in enumerate(ds):
+        yield f"{path}:row {i}", record
+
+
+def _decode_bytes(record: dict) -> dict:
+    return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
+
+
+def _reader_for(spec: str):
+    if spec.startswith("tfds:"):
+        return _read_tfds, spec
+    path = pathlib.Path(spec)
+    if path.is_dir():
+        if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            return _read_hf_disk, path
+        raise DataError(f"{path}: a directory that is not a `datasets.save_to_disk` output")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _read_jsonl, path
+    if suffix == ".parquet":
+        return _read_parquet, path
+    if suffix in (".array_record", ".arrayrecord") or ".array_record" in path.name:
+        return _read_array_record, path
+    raise DataError(f"{path}: unknown data file type {suffix!r} (expected .jsonl, .parquet, "
+                    ".array_record, a datasets dir or tfds:NAME)")
+
+
+# ------------------------------------------------------------------------------------------ schemas
+def _field(record, where, *names):
+    for name in names:
+        if name in record and record[name] is not None:
+            return record[name]
+    raise DataError(f"{where}: missing field {' or '.join(repr(n) for n in names)} "
+                    f"(record has {sorted(record)})")
+
+
+def _text(record, where, *names) -> str:
+    value = _field(record, where, *names)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {names[0]!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _messages(value, where) -> list[dict]:
+    """A prompt given as text or as a list of {role, content} messages."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise DataError(f"{where}: expected text or a list of {{role, content}} messages, got {value!r:.80}")
+
+
+def _qa(prompt: str, response: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+
+
+def _chat(r, where):
+    messages = _messages(_field(r, where, "messages", "conversations"), where)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: conversation has no assistant message")
+    return {"messages": messages}
+
+
+def _prompt_response(r, where):
+    return {"messages": _qa(_text(r, where, "prompt", "question", "problem"),
+                            _text(r, where, "response", "completion", "solution"))}
+
+
+def _math(r, where):
+    solution = _text(r, where, "solution")
+    answer = last_boxed(solution)
+    if answer is None:
+        raise DataError(f"{where}: solution has no balanced \\boxed{{...}} answer")
+    return {"messages": _qa(_text(r, where, "problem"), solution), "answer": answer}
+
+
+def _gsm8k(r, where):
+    solution = _text(r, where, "answer")
+    answer = gsm8k_answer(solution)
+    if answer is None:
+        raise DataError(f"{where}: answer has no '#### <final answer>' line")
+    return {"messages": _qa(_text(r, where, "question"), solution), "answer": answer}
+
+
+def _dpo(r, where):
+    return {"prompt": _messages(_field(r, where, "prompt"), where),
+            "chosen": _text(r, where, "chosen"), "rejected": _text(r, where, "rejected")}
+
+
+def _rl(r, where):
+    answer = _field(r, where, "answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str):
+        raise DataError(f"{where}: field 'answer' must be a string or number")
+    return {"prompt": _messages(_field(r, where, "prompt", "problem", "question"), where),
+            "answer": answer}
+
+
+SCHEMAS = {"chat": _chat, "prompt_response": _prompt_response, "math": _math, "gsm8k": _gsm8k,
+           "dpo": _dpo, "rl": _rl, "raw": lambda r, where: r}
+
+
+def read_records(spec: str | os.PathLike, schema: str = "raw", skip_bad_records: bool = False) -> Records:
+    """All records of one source, adapted to `schema`. A malformed line, a missing or mistyped field
+    and an empty source raise DataError naming the file and line, unless `skip_bad_records`, which
+    skips them and counts them in `Records.skipped` (an empty source still raises)."""
+    try:
+        adapt = SCHEMAS[schema]
+    except KeyError:
+        raise DataError(f"unknown schema {schema!r}; expected one of {sorted(SCHEMAS)}") from None
+    out = Records([], [])
+
+    def bad(where, why):
+        if not skip_bad_records:
+            raise DataError(f"{where}: {why}")
+        out.skipped += 1
+        out.skipped_reasons.append(f"{where}: {why}")
+
+    reader, source = _reader_for(str(spec))
+    for where, raw in reader(source, bad):
+        try:
+            out.records.append(adapt(raw, where))
+            out.where.append(where)
+        except DataError as e:
+            bad(where, str(e).removeprefix(f"{where}: "))
+    if not out.records:
+        detail = f" ({out.skipped} bad records skipped)" if out.skipped else ""
+        raise DataError(f"{spec}: no usable records{detail}")
+    return out
+
+
+def load_records(specs, schema: str = "raw", skip_bad_records: bool = False) -> Records:
+    """Records of one or several sources, concatenated in order."""
+    specs = [specs] if isinstance(specs, (str, os.PathLike)) else list(specs)
+    total = Records([], [])
+    for spec in specs:
+        part = read_records(spec, schema, skip_bad_records)
+        total.records += part.records
+        total.where += part.where
+        total.skipped += part.skipped
+        total.skipped_reasons += part.skipped_reasons
+    return total
