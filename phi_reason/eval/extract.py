@@ -38,40 +38,56 @@ def matching_brace(text: str, open_index: int) -> int | None:
     return None
 
 
-def _box_content(text: str, start: int, command: str) -> str | None:
-    """Content of the box command starting at `start`, or None when unbalanced/empty."""
-    i = start + len(command)
-    n = len(text)
-    if i < n and (text[i].isalpha()):
-        return None  # e.g. `\boxedfoo`: another command, not a box
-    while i < n and text[i] == " ":
-        i += 1
-    if i >= n:
-        return None
-    if text[i] == "{":
-        end = matching_brace(text, i)
-        if end is None:
-            return None
-        return text[i + 1:end]
-    # `\boxed 5` form: one token up to whitespace or `$`.
-    j = i
-    while j < n and not text[j].isspace() and text[j] != "$":
-        j += 1
-    return text[i:j] or None
+_BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.DOTALL)
+
+
+def _closing_braces(text: str, wanted: set[int]) -> dict[int, int]:
+    """For each `{` position in `wanted`, the position of its closing `}` (absent when the text
+    ends first).  One pass with a stack, so many unbalanced boxes cost O(len(text)), not O(n^2)."""
+    found, stack = {}, []
+    for m in _BRACE_TOKEN_RE.finditer(text):
+        c = m.group(0)
+        if c == "{":
+            stack.append(m.start())
+        elif c == "}" and stack:
+            start = stack.pop()
+            if start in wanted:
+                found[start] = m.start()
+    return found
+
+
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+
+
+def _box_starts(text: str) -> list[int]:
+    """Index just after every box command, last first."""
+    return [m.end() for m in _BOX_RE.finditer(text)][::-1]
 
 
 def last_boxed(text: str) -> str | None:
     """Content of the last balanced `\\boxed{...}` / `\\fbox{...}` in `text` (nested braces kept)."""
-    candidates = []
-    for command in BOX_COMMANDS:
-        pos = text.rfind(command)
-        while pos != -1:
-            candidates.append((pos, command))
-            pos = text.rfind(command, 0, pos)
-    for pos, command in sorted(candidates, reverse=True):
-        content = _box_content(text, pos, command)
-        if content is not None and content.strip():
-            return content.strip()
+    starts = []
+    for end in _box_starts(text):
+        i = end
+        while i < len(text) and text[i] == " ":
+            i += 1
+        starts.append(i)
+    closing = _closing_braces(text, {i for i in starts if i < len(text) and text[i] == "{"})
+    for i in starts:
+        if i >= len(text):
+            continue
+        if text[i] == "{":
+            if i in closing:
+                content = text[i + 1:closing[i]].strip()
+                if content:
+                    return content
+            continue
+        # `\\boxed 5` form: one token up to whitespace or `$`.
+        j = i
+        while j < len(text) and not text[j].isspace() and text[j] != "$":
+            j += 1
+        if j > i:
+            return text[i:j]
     return None
 
 
@@ -93,11 +109,18 @@ def _clean_inline(ans: str) -> str:
 
 
 def last_number(text: str) -> str | None:
-    """The last number written in `text` (thousands separators and a trailing period dropped)."""
-    last = None
-    for last in _NUMBER_RE.finditer(text):
-        pass
-    return None if last is None else last.group(0)
+    """The last number written in `text` (thousands separators and a trailing period dropped).
+    Searches a tail window first so a megabyte response costs no more than a short one."""
+    for window in (2048, len(text)):
+        start = max(0, len(text) - window)
+        last = None
+        for last in _NUMBER_RE.finditer(text, start):
+            pass
+        if last is not None and (last.start() > start or start == 0):
+            return last.group(0)
+        if start == 0:
+            break
+    return None
 
 
 def extract_answer(text: str, mode: str = "eval") -> str | None:

@@ -18,7 +18,7 @@ _FRAC_ALIASES = ("\\dfrac", "\\tfrac", "\\cfrac")
 _TEXT_COMMANDS = ("\\text", "\\textbf", "\\textit", "\\mbox", "\\mathrm", "\\mathbf",
                   "\\operatorname")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
-_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:(?:,\d{3})+|(?: \d{3})+)(?:\.\d+)?")  # 1,000 / 1\,000
 _UNIT_WORDS = {
     "degree", "degrees", "cm", "m", "km", "mm", "inch", "inches", "in", "ft", "feet", "foot",
     "yard", "yards", "mile", "miles", "meter", "meters", "cents", "cent", "dollar", "dollars",
@@ -160,7 +160,7 @@ def normalize(answer: str) -> Normalized:
     s = re.sub(r"_\{(\w+)\}", r"_\1", s)  # 52_{8} -> 52_8
     s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
     if _THOUSANDS_RE.fullmatch(s):
-        s = s.replace(",", "")
+        s = s.replace(",", "").replace(" ", "")
     return Normalized(s, percent, degrees)
 
 

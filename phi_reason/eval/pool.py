@@ -17,17 +17,17 @@ import resource
 
 import pebble
 
-from phi_reason.eval.extract import extract_answer, gold_answer
 from phi_reason.eval.result import GradeResult
 
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MAX_MEMORY = 4 << 30  # bytes of address space per worker
 
 
-def compare_answers(extracted: str, gold: str) -> bool:
-    """Worker-side comparison (module-level so it pickles by reference)."""
-    from phi_reason.eval.equivalence import answers_equivalent
-    return answers_equivalent(extracted, gold)
+def grade_in_worker(prediction: str, gold, mode: str) -> GradeResult:
+    """What a worker runs (module-level so it pickles by reference; imports inside so the parent
+    never needs sympy)."""
+    from phi_reason.eval.single import grade_in_process
+    return grade_in_process(prediction, gold, mode)
 
 
 def _limit_memory(max_bytes: int | None) -> None:
@@ -48,19 +48,20 @@ class GraderPool:
         with GraderPool(workers=4, timeout=5.0) as pool:
             results = pool.grade_many([(prediction, gold), ...], mode="reward")
 
-    `compare` is the worker function `(extracted, gold) -> bool` (default: the math
-    equivalence); it must be importable by name from a fresh process.
+    `grade_fn(prediction, gold, mode) -> GradeResult` is what each worker runs (default:
+    extraction + math equivalence); it must be importable by name from a fresh process.
+    Everything, extraction included, runs inside the worker under the deadline.
     """
 
     def __init__(self, workers: int = 2, timeout: float = DEFAULT_TIMEOUT,
-                 compare=compare_answers, max_memory: int | None = DEFAULT_MAX_MEMORY):
+                 grade_fn=grade_in_worker, max_memory: int | None = DEFAULT_MAX_MEMORY):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if not timeout or timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.workers = workers
         self.timeout = float(timeout)
-        self._compare = compare
+        self._grade_fn = grade_fn
         self._pool = pebble.ProcessPool(max_workers=workers, context=_context(),
                                         initializer=_limit_memory, initargs=(max_memory,))
 
@@ -85,22 +86,15 @@ class GraderPool:
 
     # -- grading
     def submit(self, prediction: str, gold, mode: str = "eval") -> concurrent.futures.Future:
-        """Future of a GradeResult.  Extraction (pure scanning) happens here; only the
-        mathematical comparison goes to a worker, under the deadline."""
+        """Future of the GradeResult; resolves to status `timeout` when the deadline passes."""
         if self._pool is None:
             raise RuntimeError("GraderPool is closed")
+        if mode not in ("eval", "reward"):
+            raise ValueError(f"mode must be 'eval' or 'reward', got {mode!r}")
         out: concurrent.futures.Future = concurrent.futures.Future()
-        try:
-            extracted = extract_answer(prediction, mode)
-        except (TypeError, ValueError) as e:
-            out.set_result(GradeResult(False, None, "error", f"{type(e).__name__}: {e}"))
-            return out
-        if extracted is None:
-            out.set_result(GradeResult(False, None, "no_answer"))
-            return out
-        task = self._pool.schedule(self._compare, args=(extracted, gold_answer(gold)),
+        task = self._pool.schedule(self._grade_fn, args=(prediction, gold, mode),
                                    timeout=self.timeout)
-        task.add_done_callback(lambda f: out.set_result(_to_result(f, extracted)))
+        task.add_done_callback(lambda f: out.set_result(_to_result(f)))
         return out
 
     def grade_many(self, pairs, mode: str = "eval") -> list[GradeResult]:
@@ -111,15 +105,14 @@ class GraderPool:
         return self.submit(prediction, gold, mode).result()
 
 
-def _to_result(task: concurrent.futures.Future, extracted: str) -> GradeResult:
+def _to_result(task: concurrent.futures.Future) -> GradeResult:
     try:
-        correct = task.result()
+        return task.result()
     except concurrent.futures.TimeoutError:
-        return GradeResult(False, extracted, "timeout")
+        return GradeResult(False, None, "timeout")
     except pebble.ProcessExpired as e:  # the worker died (e.g. hit its memory limit)
-        return GradeResult(False, extracted, "error", f"worker died: {e}")
+        return GradeResult(False, None, "error", f"worker died: {e}")
     except concurrent.futures.CancelledError:
-        return GradeResult(False, extracted, "error", "cancelled")
-    except Exception as e:  # noqa: BLE001 - anything raised by the comparison
-        return GradeResult(False, extracted, "error", f"{type(e).__name__}: {e}")
-    return GradeResult(bool(correct), extracted, "ok")
+        return GradeResult(False, None, "error", "cancelled")
+    except Exception as e:  # noqa: BLE001 - anything raised inside the worker
+        return GradeResult(False, None, "error", f"{type(e).__name__}: {e}")

@@ -18,7 +18,8 @@ from functools import lru_cache
 
 import sympy
 
-MAX_PARSE_CHARS = 600      # longer answers are compared as strings only
+MAX_PARSE_CHARS = 300      # longer answers are compared as strings only (MATH golds are <= ~80);
+#                            the ANTLR parser's error recovery is super-linear on long garbage
 MAX_BRACE_DEPTH = 24       # deeper nesting is not a real answer; refuse before the parser recurses
 MAX_BITS = 1 << 16         # largest number (in bits) we let sympy materialise
 MAX_DIGIT_RUN = 400        # longest literal digit string handed to the parser
@@ -51,6 +52,9 @@ def parse_guard(latex: str) -> str | None:
     """Why this string must not reach the parser, or None when it may."""
     if len(latex) > MAX_PARSE_CHARS:
         return f"answer longer than {MAX_PARSE_CHARS} characters"
+    if latex.count("{") != latex.count("}") or (
+            latex.count("(") + latex.count("[") != latex.count(")") + latex.count("]")):
+        return "unbalanced brackets"
     if brace_depth(latex) > MAX_BRACE_DEPTH:
         return f"nesting deeper than {MAX_BRACE_DEPTH}"
     if re.search(r"\d{%d}" % (MAX_DIGIT_RUN + 1), latex):
