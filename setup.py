@@ -10,6 +10,7 @@ setup(
     install_requires=[
         "jax>=0.10.2",
         "numpy",
+        "flax>=0.10",  # struct dataclasses only
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
         "grain>=0.2.10",
