@@ -158,10 +158,11 @@ def iter_orbax_leaves(step_dir, cfg: ModelConfig, dtype=None) -> Iterator[Leaf]:
     ocp = _ocp()
     want = resolve_dtype(dtype)
     for path, spec in param_specs(cfg).items():
-        one = _restore(step_dir, unflatten_params({path: 0}),
-                       unflatten_params({path: ocp.RestoreArgs(restore_type=np.ndarray,
-                                                               dtype=want)}))
-        yield path, flatten_params(one)[path]
+        leaf = flatten_params(_restore(
+            step_dir, unflatten_params({path: 0}),
+            unflatten_params({path: ocp.RestoreArgs(restore_type=np.ndarray, dtype=want)})))[path]
+        yield path, leaf
+        del leaf  # before the next restore: at most one leaf alive at a time
 
 
 def restore_orbax(path, shardings: Optional[dict] = None, dtype=None,
