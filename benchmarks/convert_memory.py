@@ -1,0 +1,136 @@
+"""Peak host memory and throughput of HF <-> Orbax conversion at Phi-4-mini's real size.
+
+Writes a random bf16 checkpoint with phi-4-mini's shapes (3.84B parameters, ~7.7 GB, 2 shards) to a
+temp dir, then times, each in its own child process: `cp -r` of the HF dir (the baseline), HF ->
+Orbax and Orbax -> HF. Peak RSS is the child's own `ru_maxrss` (os.wait4), so the numbers include the
+Python + JAX + Orbax baseline, which is also measured (a child that only imports). Finally the
+round-tripped shards are compared tensor by tensor with the originals (bit-exact).
+
+    python benchmarks/convert_memory.py [--workdir /tmp] [--preset phi-4-mini] [--keep]
+
+Goal (issue 3): peak RSS < 60% of the checkpoint size; throughput within 2x of `cp`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+GEN = """
+import numpy as np, ml_dtypes
+from phi_reason.model.config import ModelConfig
+from phi_reason.model.params import param_specs
+from phi_reason.checkpoint.hf import write_hf
+cfg = ModelConfig.preset({preset!r}, param_dtype="bfloat16")
+specs = param_specs(cfg)
+rng = np.random.default_rng(0)
+def leaves():  # random finite bf16 bit patterns (|x| < 2), one leaf at a time
+    for path, s in specs.items():
+        bits = rng.integers(0, 2**16, size=s.shape, dtype=np.uint16)
+        bits &= np.uint16(0xBFFF)
+        yield path, bits.view(ml_dtypes.bfloat16)
+        del bits
+write_hf(cfg, {{p: np.dtype(ml_dtypes.bfloat16) for p in specs}}, leaves(), {out!r},
+         max_shard_size={shard!r})
+"""
+IMPORTS_ONLY = ("import jax, orbax.checkpoint, numpy; import phi_reason.checkpoint.convert; "
+                "jax.numpy.zeros(1).block_until_ready()")
+TO_ORBAX = "from phi_reason.checkpoint.convert import hf_to_orbax; hf_to_orbax({a!r}, {b!r}, progress=False)"
+TO_HF = ("from phi_reason.checkpoint.convert import orbax_to_hf; "
+         "orbax_to_hf({a!r}, {b!r}, max_shard_size={shard!r}, progress=False)")
+COMPARE = """
+import glob, os, sys
+from phi_reason.checkpoint.safetensors_io import SafetensorsFile
+def index(d):
+    files = [SafetensorsFile(p) for p in sorted(glob.glob(os.path.join(d, "*.safetensors")))]
+    return {{n: f for f in files for n in f.entries}}
+a, b = index({a!r}), index({b!r})
+assert set(a) == set(b), sorted(set(a) ^ set(b))[:5]
+for n in a:
+    x, y = a[n].read(n), b[n].read(n)
+    assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), n
+print(f"{{len(a)}} tensors bit-identical")
+"""
+
+
+def run_child(argv):
+    """Run a child process; return (wall seconds, peak RSS bytes of that child, stdout)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env={**os.environ,
+                                                                         "JAX_PLATFORMS": "cpu"})
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode:
+        raise SystemExit(f"child failed ({p.returncode}): {' '.join(argv)[:200]}")
+    return wall, usage.ru_maxrss * 1024, out
+
+
+def du(path) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return (f"{os.cpu_count()}-core CPU ({cpu}), {mem:.0f} GB RAM, Linux {platform.release()}, "
+            f"load average at start {os.getloadavg()[0]:.1f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default=tempfile.gettempdir())
+    ap.add_argument("--preset", default="phi-4-mini")
+    ap.add_argument("--keep", action="store_true", help="keep the temp files")
+    args = ap.parse_args()
+    py = sys.executable
+    free = shutil.disk_usage(args.workdir).free
+    root = tempfile.mkdtemp(prefix="convert_memory_", dir=args.workdir)
+    hf, hf_cp, orb, hf2 = (os.path.join(root, n) for n in ("hf", "hf_cp", "orbax", "hf2"))
+    try:
+        print(f"machine: {machine()}")
+        print(f"workdir: {root} (free disk {free / 1e9:.0f} GB)")
+        wall, rss, _ = run_child([py, "-c", GEN.format(preset=args.preset, out=hf, shard="4GB")])
+        size = du(hf)
+        shards = sorted(f for f in os.listdir(hf) if f.endswith(".safetensors"))
+        print(f"random {args.preset} bf16 checkpoint: {size / 1e9:.2f} GB in {len(shards)} shards "
+              f"(written in {wall:.0f} s, peak RSS {rss / 1e9:.2f} GB)\n")
+        rows = []
+        _, base_rss, _ = run_child([py, "-c", IMPORTS_ONLY])
+        rows.append(("python+jax+orbax imports only", None, base_rss))
+        wall, rss, _ = run_child(["cp", "-r", hf, hf_cp])
+        cp_wall = wall
+        rows.append(("cp -r (baseline)", wall, rss))
+        wall, rss, _ = run_child([py, "-c", TO_ORBAX.format(a=hf, b=orb)])
+        rows.append(("HF -> Orbax", wall, rss))
+        wall, rss, _ = run_child([py, "-c", TO_HF.format(a=orb, b=hf2, shard="4GB")])
+        rows.append(("Orbax -> HF", wall, rss))
+        print(f"| step | wall s | GB/s | vs cp | peak RSS GB | RSS / checkpoint |")
+        print(f"|---|---|---|---|---|---|")
+        for name, wall, rss in rows:
+            if wall is None:
+                print(f"| {name} | - | - | - | {rss / 1e9:.2f} | {rss / size:.0%} |")
+            else:
+                print(f"| {name} | {wall:.1f} | {size / wall / 1e9:.2f} | {wall / cp_wall:.2f}x | "
+                      f"{rss / 1e9:.2f} | {rss / size:.0%} |")
+        print(f"\nOrbax checkpoint on disk: {du(orb) / 1e9:.2f} GB")
+        _, _, out = run_child([py, "-c", COMPARE.format(a=hf, b=hf2)])
+        print(f"round trip HF -> Orbax -> HF: {out.strip()}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
