@@ -2,8 +2,8 @@
 
 Writes a random bf16 checkpoint with phi-4-mini's shapes (3.84B parameters, ~7.7 GB, 2 shards) to a
 temp dir, then times, each in its own child process: `cp -r` of the HF dir (the baseline), HF ->
-Orbax and Orbax -> HF. Peak RSS is the child's own `ru_maxrss` (os.wait4), so the numbers include the
-Python + JAX + Orbax baseline, which is also measured (a child that only imports). Finally the
+Orbax and Orbax -> HF. Peak RSS is the child's own `ru_maxrss` (os.wait4), so the numbers include
+the Python + JAX + Orbax baseline, which is also measured (a child that only imports). Finally the
 round-tripped shards are compared tensor by tensor with the originals (bit-exact).
 
     python benchmarks/convert_memory.py [--workdir /tmp] [--preset phi-4-mini] [--keep]
@@ -40,7 +40,8 @@ write_hf(cfg, {{p: np.dtype(ml_dtypes.bfloat16) for p in specs}}, leaves(), {out
 """
 IMPORTS_ONLY = ("import jax, orbax.checkpoint, numpy; import phi_reason.checkpoint.convert; "
                 "jax.numpy.zeros(1).block_until_ready()")
-TO_ORBAX = "from phi_reason.checkpoint.convert import hf_to_orbax; hf_to_orbax({a!r}, {b!r}, progress=False)"
+TO_ORBAX = ("from phi_reason.checkpoint.convert import hf_to_orbax; "
+            "hf_to_orbax({a!r}, {b!r}, progress=False)")
 TO_HF = ("from phi_reason.checkpoint.convert import orbax_to_hf; "
          "orbax_to_hf({a!r}, {b!r}, max_shard_size={shard!r}, progress=False)")
 COMPARE = """

@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face checkpoints (written by transformers itself) for the checkpoint tests."""
+"""Tiny random Hugging Face checkpoints (written by transformers itself) for checkpoint tests."""
 import numpy as np
 import torch
 import transformers

@@ -1,4 +1,4 @@
-"""HF <-> Orbax checkpoints: bit-exact round trips, transformers loads our output, sharded restore."""
+"""HF <-> Orbax checkpoints: bit-exact round trips, transformers reloads, sharded restore."""
 import json
 import os
 

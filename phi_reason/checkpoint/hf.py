@@ -111,8 +111,8 @@ class HFCheckpoint:
                                           "not contain it")
             unindexed = sorted(set(self.file_of) - set(weight_map))
             if unindexed:
-                raise CheckpointError(f"{index_path}: tensors {unindexed[:5]} are in the shards but "
-                                      "not in the index")
+                raise CheckpointError(f"{index_path}: tensors {unindexed[:5]} are in the shards "
+                                      "but not in the index")
 
     def _validate(self):
         expected = hf_tensor_shapes(self.cfg)
@@ -143,7 +143,7 @@ class HFCheckpoint:
         return dtypes.pop()
 
     def read_leaf(self, path: Tuple[str, ...], dtype=None) -> np.ndarray:
-        """One leaf in our layout; the stacked destination is allocated once and filled per layer."""
+        """One leaf in our layout; the stacked destination is allocated once, filled per layer."""
         spec = param_specs(self.cfg)[path]
         out = np.empty(spec.shape, resolve_dtype(dtype) or self.stored_dtype(path))
         for p in leaf_pieces(spec):

@@ -65,7 +65,7 @@ def to_hf_block(spec: ParamSpec, x: np.ndarray) -> np.ndarray:
 
 
 def from_hf_block(spec: ParamSpec, block: np.ndarray) -> np.ndarray:
-    """Inverse of `to_hf_block`: an HF-layout block -> one layer of the leaf (a view when possible)."""
+    """Inverse of `to_hf_block`: HF-layout block -> one layer of the leaf (a view if possible)."""
     if _is_linear(spec):
         return block.T.reshape(layer_shape(spec))
     return block.reshape(layer_shape(spec))

@@ -39,7 +39,8 @@ def _ocp():
 
 def _checkpointer():
     ocp = _ocp()
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**{STATE_ITEM: ocp.PyTreeCheckpointHandler()}))
+    handler = ocp.CompositeCheckpointHandler(**{STATE_ITEM: ocp.PyTreeCheckpointHandler()})
+    return ocp.Checkpointer(handler)
 
 
 def _save_context():
