@@ -1,0 +1,135 @@
+"""A static KV cache and the decoder run over it: prefill of whole prompts, then one token at a time.
+
+The per-layer math is the decoder's own (`attention_inputs`, `layer_output`, `embed_tokens`,
+`logits_from_hidden`); this module only decides where keys and values live:
+
+    k, v: [L, B, S, nKV, hd]   layers stacked, one row per batch slot, S = static capacity
+
+K is stored after RoPE (as in HF), so a cached key never needs re-rotating. A row's cache entries
+beyond its current position hold stale values from an earlier occupant or prompt padding; they are
+never read because attention masks `kv_index <= q_index` (cache slot s holds position s).
+
+Layer loop: `layers` is either the stacked dict (scanned with `lax.scan`) or a list of per-layer
+dicts (`split_layers`, unrolled). Unrolling avoids a per-step dynamic-slice copy of each layer's
+weights inside a decode loop, which on CPU costs as much memory traffic as the matmuls themselves.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .attention import attention
+from .config import ModelConfig
+from .decoder import attention_inputs, embed_tokens, layer_output, logits_from_hidden
+from .rope import rope_tables
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [L, B, S, nKV, hd]
+    v: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def split_layers(params: dict) -> dict:
+    """The same parameters with `layers` as a list of per-layer dicts (for an unrolled loop)."""
+    layers = params["layers"]
+    n = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree_util.tree_map(lambda w, i=i: w[i], layers)
+                                 for i in range(n)]}
+
+
+def _use_long(cfg: ModelConfig, use_long):
+    """[n] bool -> the [n, 1, 1] form rope_tables broadcasts per row (None for plain RoPE)."""
+    if cfg.rope_scaling_type != "longrope":
+        return None
+    return jnp.asarray(use_long, bool)[:, None, None]
+
+
+def prefill(params, cfg: ModelConfig, tokens, lengths, use_long):
+    """Run whole prompts through the decoder.
+
+    tokens [n, T] (right-padded), lengths [n] (real tokens per row, >= 1), use_long [n] (LongRoPE
+    regime per row). Returns (logits [n, V] float32 at each row's last real token,
+    k [L, n, T, nKV, hd], v [L, n, T, nKV, hd]). Positions are 0..T-1 in every row.
+    """
+    n, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (n, t))
+    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # 0 = padding
+    cos, sin = rope_tables(cfg, positions, use_long=_use_long(cfg, use_long))
+    x = embed_tokens(params, tokens, cfg)
+
+    def layer(x, lp):
+        q, k, v = attention_inputs(lp, x, cfg, cos, sin)
+        attn = attention(q, k, v, segment_ids, segment_ids, impl=cfg.attention,
+                         block=cfg.attention_chunk)
+        return layer_output(lp, x, attn, cfg), (k, v)
+
+    layers = params["layers"]
+    if isinstance(layers, list):
+        kvs = []
+        for lp in layers:
+            x, kv = layer(x, lp)
+            kvs.append(kv)
+        k = jnp.stack([kv[0] for kv in kvs])
+        v = jnp.stack([kv[1] for kv in kvs])
+    else:
+        x, (k, v) = lax.scan(layer, x, layers)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [n, 1, H]
+    return logits_from_hidden(params, last, cfg)[:, 0], k, v
+
+
+def write_rows(cache: KVCache, slots, k, v) -> KVCache:
+    """Store prefill keys/values k, v [L, n, T, ...] into cache rows `slots` [n], positions 0..T-1."""
+    t = k.shape[2]
+    return KVCache(cache.k.at[:, slots, :t].set(k.astype(cache.k.dtype)),
+                   cache.v.at[:, slots, :t].set(v.astype(cache.v.dtype)))
+
+
+def decode_step(params, cfg: ModelConfig, cache: KVCache, tokens, positions, use_long):
+    """One token per row: tokens [B] at positions [B] (each row's own position).
+
+    Writes the new key/value at cache slot `positions[b]` of row b, attends over slots
+    0..positions[b], and returns (logits [B, V] float32, cache).
+    """
+    b = tokens.shape[0]
+    s = cache.k.shape[2]
+    rows = jnp.arange(b)
+    pos = positions.astype(jnp.int32)[:, None]  # [B, 1]
+    cos, sin = rope_tables(cfg, pos, use_long=_use_long(cfg, use_long))
+    x = embed_tokens(params, tokens[:, None], cfg)  # [B, 1, H]
+    ones_q = jnp.ones((b, 1), jnp.int32)
+    ones_kv = jnp.ones((b, s), jnp.int32)
+    kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+
+    def layer(x, lp, i, kc, vc):
+        q, k, v = attention_inputs(lp, x, cfg, cos, sin)
+        # Scatter the new entry in place, then read the layer back: a copy-free update of the
+        # carried cache (a [B]-row scatter, not a rewrite of the layer).
+        kc = kc.at[i, rows, positions].set(k[:, 0].astype(kc.dtype))
+        vc = vc.at[i, rows, positions].set(v[:, 0].astype(vc.dtype))
+        attn = attention(q, kc[i].astype(q.dtype), vc[i].astype(q.dtype), ones_q, ones_kv,
+                         pos, kv_index, impl=cfg.attention, block=cfg.attention_chunk)
+        return layer_output(lp, x, attn, cfg), kc, vc
+
+    layers = params["layers"]
+    kc, vc = cache
+    if isinstance(layers, list):
+        for i, lp in enumerate(layers):
+            x, kc, vc = layer(x, lp, i, kc, vc)
+    else:
+        def body(carry, xs):
+            lp, i = xs
+            return layer(carry[0], lp, i, carry[1], carry[2]), None
+
+        idx = jnp.arange(cfg.num_hidden_layers)
+        (x, kc, vc), _ = lax.scan(body, (x, kc, vc), (layers, idx))
+    cache = KVCache(kc, vc)
+    return logits_from_hidden(params, x, cfg)[:, 0], cache
