@@ -78,6 +78,17 @@ def _encloses(s: str) -> bool:
     return False
 
 
+def _flat_items(parts) -> tuple:
+    """Parse set/list elements; an element `a \\pm b` contributes its two values."""
+    items = []
+    for part in parts:
+        if not part.strip():
+            continue
+        node = parse_structure(part)
+        items.extend(node.items if node.kind == "list" else (node,))
+    return tuple(items)
+
+
 def parse_structure(s: str) -> Node:
     s = s.strip()
     for env in _MATRIX_ENVS:
@@ -91,8 +102,7 @@ def parse_structure(s: str) -> Node:
     if len(parts) > 1:
         return Node("union", items=tuple(parse_structure(p) for p in parts))
     if s.startswith("\\{") and s.endswith("\\}"):
-        items = split_top_level(s[2:-2], ",")
-        return Node("set", items=tuple(parse_structure(p) for p in items if p.strip()))
+        return Node("set", items=_flat_items(split_top_level(s[2:-2], ",")))
     if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _encloses(s):
         items = split_top_level(s[1:-1], ",")
         if len(items) >= 2:
@@ -101,7 +111,7 @@ def parse_structure(s: str) -> Node:
             return parse_structure(s[1:-1])
     items = split_top_level(s, ",")
     if len(items) > 1:
-        return Node("list", items=tuple(parse_structure(p) for p in items))
+        return Node("list", items=_flat_items(items))
     pm = split_top_level(s, "\\pm")
     if len(pm) == 2:
         a, b = pm[0].strip(), pm[1].strip()
@@ -270,7 +280,8 @@ def nodes_equal(pred: Node, gold: Node, pred_percent=False, gold_percent=False) 
 
 def answers_equivalent(pred: str, gold: str) -> bool:
     """True when the extracted prediction means the same answer as the gold answer."""
-    if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
+    if (len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS
+            or safe_sympy.brace_depth(pred) > safe_sympy.MAX_BRACE_DEPTH):
         return pred.strip() == gold.strip()  # keeps every later step linear-time and bounded
     p, g = normalize(pred), normalize(gold)
     if p.text.replace(" ", "") == g.text.replace(" ", ""):

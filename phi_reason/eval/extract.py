@@ -38,7 +38,7 @@ def matching_brace(text: str, open_index: int) -> int | None:
     return None
 
 
-_BRACE_TOKEN_RE = re.compile(r"\\.|[{}]", re.DOTALL)
+_BRACE_TOKEN_RE = re.compile(r"\\\\|\\[{}]|[{}]")  # `\\`, escaped braces, braces
 
 
 def _closing_braces(text: str, wanted: set[int]) -> dict[int, int]:

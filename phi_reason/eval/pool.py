@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import multiprocessing
 import resource
+import signal
 
 import pebble
 
@@ -30,7 +31,12 @@ def grade_in_worker(prediction: str, gold, mode: str) -> GradeResult:
     return grade_in_process(prediction, gold, mode)
 
 
-def _limit_memory(max_bytes: int | None) -> None:
+def _init_worker(max_bytes: int | None) -> None:
+    # pebble installs a Python SIGTERM handler in workers; a handler cannot run while the worker
+    # is inside one long C call, so pebble would wait 3 s more before SIGKILL.  The default
+    # action makes the deadline hard.  (pebble stops a worker only while holding the channel
+    # lock, so an abrupt exit never strands the lock.)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if max_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
 
@@ -63,7 +69,7 @@ class GraderPool:
         self.timeout = float(timeout)
         self._grade_fn = grade_fn
         self._pool = pebble.ProcessPool(max_workers=workers, context=_context(),
-                                        initializer=_limit_memory, initargs=(max_memory,))
+                                        initializer=_init_worker, initargs=(max_memory,))
 
     # -- lifecycle
     def close(self) -> None:

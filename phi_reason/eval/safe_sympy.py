@@ -1,9 +1,11 @@
 """LaTeX -> sympy without eval, with size guards, and bounded comparison of sympy values.
 
-Safety: `latex2sympy2_extended.latex2sympy` parses with an ANTLR grammar and builds sympy objects
-directly (its only `parse_expr` call is on caller-supplied `variable_values`, which we never pass;
-its `sympify` calls receive already-built sympy objects).  sympy's `parse_expr`/`sympify` on
-strings, which run Python `eval`, are never reached from here with model text.
+Safety: `latex2sympy2_extended` parses with an ANTLR grammar and builds sympy objects directly,
+with two exceptions that reach sympy's `eval`-based `parse_expr`: `variable_values` (never passed
+here) and `parse_number`, which calls `sympy.Number(token_text)` -> `sympify(str)` -> `eval`.  The
+token is lexer-restricted to digits, but we still replace that method (`_EvalFreeConverter`) with
+exact integer/Fraction construction, so no text from a model ever reaches `eval`; the
+`test_no_eval_or_exec_reaches_model_text` test traps `eval`/`exec` to prove it.
 
 Hangs: a size bound is computed bottom-up over the *unevaluated* tree before anything is
 evaluated, so `5^{5^{5^{5^5}}}` or `(10^{10^{10}})!` are refused instead of computed.  The worker
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import re
+from fractions import Fraction
 from functools import lru_cache
 
 import sympy
@@ -66,14 +69,36 @@ def parse_guard(latex: str) -> str | None:
     return None
 
 
+@lru_cache(maxsize=1)
+def _converter_class():
+    """latex2sympy's converter with its eval-based number parsing replaced (imported lazily:
+    the parser is heavy and only workers need it)."""
+    from latex2sympy2_extended import latex2sympy2
+    base = getattr(latex2sympy2, "_Latex2Sympy", None)
+    if base is None or not hasattr(base, "parse_number"):
+        raise ImportError("latex2sympy2_extended changed: _Latex2Sympy.parse_number not found; "
+                          "refusing to parse without the eval-free number override")
+
+    class _EvalFreeConverter(base):
+        def parse_number(self, text):
+            text = text.replace(",", "")
+            if len(text) > MAX_DIGIT_RUN + 20:
+                raise ValueError("number literal too long")
+            value = Fraction(text)  # digits, decimals and e-notation; never eval
+            return sympy.Integer(value.numerator) if value.denominator == 1 else sympy.Rational(
+                value.numerator, value.denominator)
+
+    return _EvalFreeConverter, latex2sympy2.ConversionConfig
+
+
 @lru_cache(maxsize=4096)
 def parse_latex(latex: str):
     """sympy object for a normalised LaTeX scalar, or None when unparseable or refused."""
     if parse_guard(latex) is not None:
         return None
-    from latex2sympy2_extended import latex2sympy  # heavy import; workers load it once
+    converter_class, conversion_config = _converter_class()
     try:
-        expr = latex2sympy(latex, is_real=False, normalization_config=None)
+        expr = converter_class(None, False, False, config=conversion_config()).parse(latex)
     except Exception:  # noqa: BLE001 - the ANTLR parser raises bare Exception on bad input
         return None
     except RecursionError:
