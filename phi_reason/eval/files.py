@@ -1,0 +1,54 @@
+"""File edges of the eval package: JSONL reading with line-numbered errors, and atomic writes
+(a temp file in the same directory renamed over the target, so no reader ever sees half a file)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import tempfile
+from typing import IO, Iterator
+
+
+def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
+    """Records of a JSONL file; a bad line or a missing key raises ValueError naming file:line."""
+    path = pathlib.Path(path)
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
+                                 f"{type(record).__name__}")
+            for key in required:
+                if key not in record:
+                    raise ValueError(f"{path}:{lineno}: missing key {key!r}")
+            records.append(record)
+    return records
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w") -> Iterator[IO]:
+    """Open a temp file beside `path`; on success rename it to `path`, on error delete it."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_jsonl(path, records) -> None:
+    with atomic_open(path) as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
