@@ -62,3 +62,41 @@ class PromptIterator:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self.retired = set(state["retired"])
         self._order = self._permutation(self.epoch)
+
+
+def prompts_from_records(records, where, tokenizer, fmt: str, max_prompt_tokens: int) -> tuple:
+    """RL records ({"prompt": messages or text, "answer"}) -> (Prompts, number skipped as too long).
+    A record's uid is where it came from ("file:line"), so retirement survives reordering."""
+    from ..data.chat import render_prompt
+
+    out, skipped = [], 0
+    for rec, loc in zip(records, where):
+        ids = render_prompt(rec["prompt"], tokenizer, fmt)
+        if len(ids) > max_prompt_tokens:
+            skipped += 1
+            continue
+        messages = ([{"role": "user", "content": rec["prompt"]}] if isinstance(rec["prompt"], str)
+                    else list(rec["prompt"]))
+        out.append(Prompt(ids, str(rec["answer"]), str(loc), messages[-1]["content"], messages))
+    return out, skipped
+
+
+def synthetic_prompts(spec: dict, tokenizer, fmt: str, max_prompt_tokens: int,
+                      eval_problems: int = 0) -> tuple:
+    """(train Prompts, held-out Prompts) from `data.synthetic` (make_problems keyword arguments).
+    Held-out problems come from another seed and exclude every training question."""
+    from ..data.synthetic import make_problems
+
+    train = make_problems(**spec)
+    recs = [{"prompt": p["problem"], "answer": p["answer"]} for p in train]
+    prompts, _ = prompts_from_records(recs, [f"synthetic:{i}" for i in range(len(recs))],
+                                      tokenizer, fmt, max_prompt_tokens)
+    held: list = []
+    if eval_problems:
+        spec_eval = dict(spec, n=eval_problems, seed=int(spec.get("seed", 0)) + 10_007,
+                         exclude=tuple(spec.get("exclude", ())) + tuple(p["problem"] for p in train))
+        fresh = make_problems(**spec_eval)
+        recs = [{"prompt": p["problem"], "answer": p["answer"]} for p in fresh]
+        held, _ = prompts_from_records(recs, [f"heldout:{i}" for i in range(len(recs))],
+                                       tokenizer, fmt, max_prompt_tokens)
+    return prompts, held

@@ -22,6 +22,7 @@ class Prompt:
     answer: str
     uid: str = ""
     text: str = ""
+    messages: Optional[list] = None  # the conversation the ids render (for writing DPO pairs)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,191 @@
+"""Rollout DPO data (Phi-4-mini-reasoning stage 3): sample k completions per prompt from a model,
+grade them, and write (prompt, chosen = a correct completion, rejected = an incorrect one) pairs
+as JSONL in the "dpo" schema that `phi-reason dpo` reads.
+
+Only finished completions (ended by a stop token) can be chosen: DPO renders every response with an
+end token, and a truncated "correct" text would teach the model to stop mid-thought. Truncated
+completions are rejected candidates only with `rollout.rejected_truncated`.
+
+Prompts are processed in chunks; each finished chunk is appended to `<output>.partial` with the
+count of prompts done beside it, so `--resume` continues where a stopped run left off. The final
+file appears (by rename) only when every prompt has been processed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..config import RunConfig, RunConfigError, dump_run_config, load_run_config
+
+
+@dataclasses.dataclass
+class RolloutSection:
+    samples_per_prompt: int = 8  # k completions per prompt
+    pairs_per_prompt: int = 1  # at most this many (chosen, rejected) pairs per prompt
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    max_new_tokens: int = 256
+    max_prompt_tokens: int = 1024
+    max_prompts: Optional[int] = None  # only the first N prompts
+    prompts_per_chunk: int = 64  # progress is saved after each chunk
+    rejected_truncated: bool = False  # allow truncated (no stop token) completions as rejected
+    output: Optional[str] = None  # default: <output.dir>/pairs.jsonl
+    num_slots: Optional[int] = None
+    grader_workers: int = 2
+    grader_timeout: float = 5.0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class RolloutDPOConfig(RunConfig):
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+
+    def output_path(self) -> Path:
+        return Path(self.rollout.output or Path(self.output.dir) / "pairs.jsonl")
+
+    def validate(self) -> None:
+        r = self.rollout
+        for key in ("samples_per_prompt", "pairs_per_prompt", "max_new_tokens",
+                    "max_prompt_tokens", "prompts_per_chunk", "grader_workers"):
+            if getattr(r, key) <= 0:
+                raise RunConfigError(f"rollout.{key}: must be positive, got {getattr(r, key)}")
+        if r.samples_per_prompt < 2:
+            raise RunConfigError("rollout.samples_per_prompt: need >= 2 completions to form a pair")
+
+
+def make_pairs(texts: Sequence[str], correct: Sequence[bool], finished: Sequence[bool],
+               max_pairs: int, rng: np.random.Generator, rejected_truncated: bool = False) -> list:
+    """(chosen, rejected) texts from one prompt's completions: chosen among finished correct ones,
+    rejected among incorrect ones (finished only unless rejected_truncated); each completion is used
+    at most once, and identical texts are never paired."""
+    good = [i for i, (c, f) in enumerate(zip(correct, finished)) if c and f]
+    bad = [i for i, (c, f) in enumerate(zip(correct, finished)) if not c and (f or rejected_truncated)]
+    good = [good[i] for i in rng.permutation(len(good))]
+    bad = [bad[i] for i in rng.permutation(len(bad))]
+    pairs = []
+    for gi, bi in zip(good, bad):
+        if len(pairs) >= max_pairs:
+            break
+        if texts[gi] != texts[bi]:
+            pairs.append((texts[gi], texts[bi]))
+    return pairs
+
+
+def _read_progress(partial: Path, progress: Path) -> int:
+    if not progress.exists():
+        return 0
+    done = json.loads(progress.read_text())
+    lines = partial.read_text().splitlines() if partial.exists() else []
+    # Drop lines written after the last recorded chunk (a crash between append and record).
+    partial.write_text("".join(line + "\n" for line in lines[:done["pairs"]]))
+    return int(done["prompts"])
+
+
+def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=None,
+                resume: bool = False) -> dict:
+    """Sample, grade and write pairs; returns counts. `model` = (ModelConfig, params) and `prompts`
+    (lists of `Prompt` with .messages) override what the config would load."""
+    from ..data.chat import stop_ids as format_stop_ids
+    from ..data.tokenizer import load_tokenizer
+    from ..eval.pool import GraderPool
+    from ..generate.sampler import generate
+    from .loop import build_mesh, build_model
+    from .rl import decode_completion, submit_grading
+
+    run.validate()
+    r = run.rollout
+    out = run.output_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial, progress = out.with_name(out.name + ".partial"), out.with_name(out.name + ".progress")
+    if out.exists() and not resume:
+        raise RunConfigError(f"{out}: already exists; choose another rollout.output or delete it")
+    if out.exists():
+        print(f"{out}: already complete", file=sys.stderr)
+        return {"prompts": 0, "pairs": sum(1 for _ in open(out)), "resumed": True}
+    mesh = build_mesh(run)
+    cfg, params = model if model is not None else build_model(run, mesh)
+    tok = tokenizer or load_tokenizer(run.data.tokenizer)
+    if prompts is None:
+        prompts = _load_prompts(run, tok)
+    prompts = list(prompts)[: r.max_prompts]
+    stops = format_stop_ids(run.data.chat_format, tok)
+    dump_run_config(run, str(out.with_name(out.name + ".config.yaml")))
+    start = _read_progress(partial, progress) if resume else 0
+    if not resume:
+        partial.write_text("")
+    n_pairs = sum(1 for _ in open(partial))
+    stats = {"prompts": 0, "completions": 0, "correct": 0, "prompts_with_pair": 0}
+    k = r.samples_per_prompt
+    with GraderPool(r.grader_workers, r.grader_timeout) as pool:
+        for c0 in range(start, len(prompts), r.prompts_per_chunk):
+            chunk = prompts[c0:c0 + r.prompts_per_chunk]
+            gen = generate(params, cfg, [p.ids for p in chunk for _ in range(k)],
+                           max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                           top_p=r.top_p, top_k=r.top_k, stop_tokens=stops,
+                           seed=r.seed * 1_000_003 + c0, num_slots=r.num_slots, mesh=mesh)
+            texts = [decode_completion(tok, t, stops) for t in gen.tokens]
+            correct = submit_grading(pool, [(t, p.answer) for p, t in
+                                            zip([p for p in chunk for _ in range(k)], texts)],
+                                     "reward")()
+            finished = [f == "stop" for f in gen.finish_reasons]
+            lines = []
+            for i, p in enumerate(chunk):
+                sl = slice(i * k, (i + 1) * k)
+                rng = np.random.default_rng([r.seed, c0 + i])
+                pairs = make_pairs(texts[sl], correct[sl], finished[sl], r.pairs_per_prompt, rng,
+                                   r.rejected_truncated)
+                stats["prompts_with_pair"] += bool(pairs)
+                messages = p.messages or [{"role": "user", "content": p.text}]
+                lines += [json.dumps({"prompt": messages, "chosen": c, "rejected": rj,
+                                      "answer": p.answer, "uid": p.uid}) + "\n"
+                          for c, rj in pairs]
+            stats["prompts"] += len(chunk)
+            stats["completions"] += len(texts)
+            stats["correct"] += int(sum(correct))
+            with open(partial, "a") as f:
+                f.writelines(lines)
+                f.flush()
+                os.fsync(f.fileno())
+            n_pairs += len(lines)
+            tmp = progress.with_name(progress.name + ".tmp")
+            tmp.write_text(json.dumps({"prompts": c0 + len(chunk), "pairs": n_pairs}))
+            os.replace(tmp, progress)
+    os.replace(partial, out)
+    progress.unlink(missing_ok=True)
+    stats["pairs"] = n_pairs
+    print(f"rollout-dpo: {n_pairs} pairs from {stats['prompts']} prompts "
+          f"({stats['correct']}/{stats['completions']} completions correct) -> {out}",
+          file=sys.stderr)
+    return stats
+
+
+def _load_prompts(run: RolloutDPOConfig, tokenizer) -> list:
+    from .rl_prompts import prompts_from_records, synthetic_prompts
+
+    d, r = run.data, run.rollout
+    if d.train_files:
+        from ..data.sources import load_records
+        recs = load_records(d.train_files, d.schema or "rl", d.skip_bad_records)
+        return prompts_from_records(recs.records, recs.where, tokenizer, d.chat_format,
+                                    r.max_prompt_tokens)[0]
+    if d.synthetic is not None:
+        return synthetic_prompts(d.synthetic, tokenizer, d.chat_format, r.max_prompt_tokens)[0]
+    raise RunConfigError("data: set data.train_files (records with prompt + answer) or "
+                         "data.synthetic")
+
+
+def run_rollout_dpo(config, overrides: Sequence[str] = (), resume: bool = False) -> int:
+    """`phi-reason rollout-dpo CONFIG [k=v ...] [--resume]`."""
+    if isinstance(config, RolloutDPOConfig):
+        run = config
+    else:
+        run = load_run_config(config, overrides, schema=RolloutDPOConfig)
+    rollout_dpo(run, resume=resume)
+    return 0
