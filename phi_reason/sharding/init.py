@@ -1,0 +1,56 @@
+"""Sharded parameter creation and jitted, sharded, donating step functions.
+
+Nothing here materialises a whole parameter on one device: `sharded_init` runs `init_params`
+under `jax.jit` with `out_shardings`, so each device computes only its own shards.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from ..model.config import ModelConfig
+from ..model.params import init_params
+from .rules import param_shardings, replicated
+
+
+def sharded_init(cfg: ModelConfig, key: jax.Array, mesh: Mesh, rules=None, dtype=None) -> dict:
+    """`init_params(cfg, key, dtype)` created directly in its NamedShardings on `mesh`."""
+    shardings = param_shardings(cfg, mesh, rules)
+    init = jax.jit(lambda k: init_params(cfg, k, dtype), out_shardings=shardings)
+    return init(key)
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, params_abstract,
+                        params_shardings, mesh: Mesh):
+    """Shardings for `optimizer.init(params)`: every parameter-shaped leaf (AdamW mu, nu, ...)
+    takes its parameter's sharding; everything else (step counts, scalars) is replicated."""
+    state = jax.eval_shape(optimizer.init, params_abstract)
+    return optax.tree_map_params(
+        optimizer, lambda _, sharding: sharding, state, params_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def sharded_opt_init(optimizer: optax.GradientTransformation, params, params_shardings,
+                     mesh: Mesh):
+    """`optimizer.init(params)` with its state created directly sharded."""
+    shardings = opt_state_shardings(optimizer, params, params_shardings, mesh)
+    return jax.jit(optimizer.init, out_shardings=shardings)(params)
+
+
+def shard_step(step_fn: Callable, mesh: Mesh, state_shardings, batch_sharding,
+               donate: bool = True, metrics_sharding: Optional[NamedSharding] = None):
+    """jit `step_fn(state, batch) -> (state, metrics)` with explicit in/out shardings.
+
+    The state keeps its shardings across steps (so no resharding between steps) and is donated
+    (its buffers are reused for the new state, so parameters and optimizer state are not held
+    twice). `batch_sharding` may be one NamedSharding for every batch array or a pytree prefix
+    of the batch. Metrics come back replicated unless `metrics_sharding` says otherwise.
+    """
+    metrics_sharding = metrics_sharding or replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, metrics_sharding),
+                   donate_argnums=(0,) if donate else ())

@@ -1,0 +1,237 @@
+"""Sharded training on 8 virtual CPU devices equals single-device training.
+
+The train step here is test-local (CE loss from `forward` + optax.adamw), jitted through
+`shard_step` with the rules' shardings and donation, and compared with the same step run
+unsharded on one device.
+"""
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from phi_reason.model.config import ModelConfig
+from phi_reason.model.decoder import forward
+from phi_reason.model.params import flatten_params, init_params
+from phi_reason.sharding.init import (opt_state_shardings, shard_step, sharded_init,
+                                      sharded_opt_init)
+from phi_reason.sharding.mesh import MeshError, make_mesh
+from phi_reason.sharding.rules import (activation_constraint, batch_sharding, check_batch_size,
+                                       param_partition_specs, param_shardings, replicated,
+                                       spec_for)
+
+# Dims divisible by 8 where a mesh axis of 8 shards them.
+CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                  max_position_embeddings=64, original_max_position_embeddings=64,
+                  attention="reference")
+MESHES = [(8, 1, 1), (1, 8, 1), (1, 2, 4), (2, 2, 2)]
+B, T = 8, 16
+LR = 1e-3
+
+# Default rules written out by hand in mesh-axis terms (vocab, heads, kv_heads, mlp -> tensor;
+# embed -> fsdp; layers, head_dim -> replicated). Axes of size 1 are dropped below.
+EXPECTED_AXES = {
+    ("embed",): ("tensor", "fsdp"),
+    ("layers", "ln1"): (None, "fsdp"),
+    ("layers", "wq"): (None, "fsdp", "tensor", None),
+    ("layers", "wk"): (None, "fsdp", "tensor", None),
+    ("layers", "wv"): (None, "fsdp", "tensor", None),
+    ("layers", "wo"): (None, "tensor", None, "fsdp"),
+    ("layers", "ln2"): (None, "fsdp"),
+    ("layers", "w_gate"): (None, "fsdp", "tensor"),
+    ("layers", "w_up"): (None, "fsdp", "tensor"),
+    ("layers", "w_down"): (None, "tensor", "fsdp"),
+    ("final_norm",): ("fsdp",),
+    ("lm_head",): ("fsdp", "tensor"),
+}
+
+
+def expected_spec(path, mesh_shape):
+    sizes = dict(zip(("data", "fsdp", "tensor"), mesh_shape))
+    return P(*(a if a is not None and sizes[a] > 1 else None for a in EXPECTED_AXES[path]))
+
+
+def ce_loss(params, batch, constrain=None):
+    """Shifted, masked cross-entropy (never across segments), mean over target tokens."""
+    logits = forward(params, batch["tokens"], CFG, batch["positions"], batch["segment_ids"],
+                     constrain=constrain)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    target = batch["tokens"][:, 1:]
+    nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+    seg = batch["segment_ids"]
+    mask = batch["loss_mask"][:, 1:] * (seg[:, 1:] == seg[:, :-1]) * (seg[:, 1:] > 0)
+    return jnp.sum(nll * mask) / jnp.sum(mask)
+
+
+# eps: AdamW's first update is lr * g / (|g| + eps), which amplifies gradient noise by up to
+# lr / eps where |g| ~ 0. Float32 reduction order differs across shardings, so gradients differ
+# by ~5e-7 of each tensor's largest entry (measured); eps = 1e-3 bounds the resulting parameter
+# difference by lr / eps * 5e-7 * max|g| ~ 5e-8, under the comparison floor below. With the
+# default eps = 1e-8 the step is a sign function for near-zero gradients and no sharded program
+# could agree to rtol 1e-5. The step still exercises m, v, bias correction and weight decay.
+OPT = optax.adamw(LR, eps=1e-3, weight_decay=0.1)
+
+
+def make_step(constrain=None):
+    def step(state, batch):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(ce_loss)(params, batch, constrain)
+        updates, opt_state = OPT.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), {"loss": loss, "grads": grads}
+    return step
+
+
+def make_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, CFG.vocab_size, (B, T)).astype(np.int32)
+    seg = np.ones((B, T), np.int32)
+    seg[:, T // 2:] = 2  # two packed segments per row ...
+    seg[::3, -3:] = 0  # ... and padding at the end of some rows
+    pos = np.concatenate([np.arange(T // 2)] * 2)[None].repeat(B, 0).astype(np.int32)
+    loss_mask = (rng.random((B, T)) < 0.8).astype(np.float32)
+    return {"tokens": tokens, "positions": pos, "segment_ids": seg, "loss_mask": loss_mask}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One step on a single device, no shardings at all."""
+    dev = jax.devices()[0]
+    params = jax.device_put(init_params(CFG, jax.random.key(0)), dev)
+    state = (params, OPT.init(params))
+    batch = jax.device_put(make_batch(), dev)
+    (new_params, _), metrics = jax.jit(make_step())(state, batch)
+    return jax.device_get(params), jax.device_get(new_params), jax.device_get(metrics)
+
+
+def assert_tree_close(actual, expected, what):
+    fa, fe = flatten_params(actual), flatten_params(expected)
+    assert fa.keys() == fe.keys()
+    for path in fe:
+        e = np.asarray(fe[path])
+        # rtol 1e-5 per element, plus an absolute floor of 1e-6 of the tensor's largest entry
+        # for entries near 0 (float32 reduction order differs across shards: ~5e-7 measured).
+        np.testing.assert_allclose(np.asarray(fa[path]), e, rtol=1e-5,
+                                   atol=1e-6 * float(np.max(np.abs(e))),
+                                   err_msg=f"{what} {'/'.join(path)}")
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_sharded_step_matches_single_device(mesh_shape, reference):
+    ref_params, ref_new_params, ref_metrics = reference
+    mesh = make_mesh(*mesh_shape)
+    assert dict(mesh.shape) == dict(zip(("data", "fsdp", "tensor"), mesh_shape))
+    p_shard = param_shardings(CFG, mesh)
+    params = sharded_init(CFG, jax.random.key(0), mesh)
+    # sharded init produces the same numbers as the unsharded init, already in place
+    assert_tree_close(jax.device_get(params), ref_params, "init")
+    opt_state = sharded_opt_init(OPT, params, p_shard, mesh)
+    state_shardings = (p_shard, opt_state_shardings(OPT, params, p_shard, mesh))
+    step = shard_step(make_step(activation_constraint(mesh)), mesh, state_shardings,
+                      batch_sharding(mesh),
+                      metrics_sharding={"loss": replicated(mesh), "grads": p_shard})
+    batch = jax.device_put(make_batch(), batch_sharding(mesh))
+    (new_params, new_opt), metrics = step((params, opt_state), batch)
+
+    np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-5)
+    assert_tree_close(jax.device_get(metrics["grads"]), ref_metrics["grads"], "grad")
+    assert_tree_close(jax.device_get(new_params), ref_new_params, "param after AdamW")
+
+    # donation: the old parameter buffers were given to the new state
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(params))
+    # every parameter (and its AdamW moments) lives where the rules table says
+    flat_new = flatten_params(new_params)
+    for path, x in flat_new.items():
+        assert x.sharding.spec == expected_spec(path, mesh_shape), path
+    mu = flatten_params(new_opt[0].mu)
+    for path, x in mu.items():
+        assert x.sharding.spec == expected_spec(path, mesh_shape), ("mu",) + path
+
+
+def test_per_device_param_bytes_are_one_eighth_on_fsdp8():
+    mesh = make_mesh(1, 8, 1)
+    params = sharded_init(CFG, jax.random.key(1), mesh)
+    leaves = jax.tree_util.tree_leaves(params)
+    total = sum(x.nbytes for x in leaves)
+    for dev in jax.devices():
+        local = sum(s.data.nbytes for x in leaves for s in x.addressable_shards
+                    if s.device == dev)
+        assert local * 8 == total, (dev, local, total)
+
+
+def test_gqa_kv_heads_replicated_when_tensor_axis_larger(caplog):
+    cfg = CFG.replace(num_key_value_heads=2)
+    with caplog.at_level(logging.WARNING, logger="phi_reason.sharding.rules"):
+        specs = flatten_params(param_partition_specs(cfg, {"data": 1, "fsdp": 2, "tensor": 4}))
+    assert specs[("layers", "wk")] == P(None, "fsdp", None, None)
+    assert specs[("layers", "wv")] == P(None, "fsdp", None, None)
+    assert specs[("layers", "wq")] == P(None, "fsdp", "tensor", None)
+    assert any("kv_heads=2" in r.getMessage() and "replicating" in r.getMessage()
+               for r in caplog.records)
+    # and the forward pass is still exact with that layout
+    mesh = make_mesh(1, 2, 4)
+    params = sharded_init(cfg, jax.random.key(2), mesh)
+    assert params["layers"]["wk"].sharding.spec == P(None, "fsdp", None, None)
+    batch = make_batch(1)
+    sharded = jax.jit(lambda p, t: forward(p, t, cfg, constrain=activation_constraint(mesh)))(
+        params, jax.device_put(batch["tokens"], batch_sharding(mesh)))
+    single = forward(jax.device_get(params), batch["tokens"], cfg)
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sizes, cfg_kw, must_say", [
+    # fsdp=3 does not divide hidden 64 (and 3 x 1 x 1 != 8 devices is checked separately)
+    ({"data": 1, "fsdp": 3, "tensor": 1}, {}, ["'embed'", "fsdp=3", "64"]),
+    # 8 query heads cannot split 16 ways
+    ({"data": 1, "fsdp": 1, "tensor": 16}, {}, ["'heads'", "tensor=16", "8"]),
+    # intermediate 96 over tensor=64
+    ({"data": 1, "fsdp": 1, "tensor": 64}, {"intermediate_size": 96}, ["tensor=64"]),
+])
+def test_bad_mesh_for_model_names_axis(sizes, cfg_kw, must_say):
+    with pytest.raises(MeshError) as err:
+        param_partition_specs(CFG.replace(**cfg_kw), sizes)
+    for text in must_say:
+        assert text in str(err.value), str(err.value)
+
+
+def test_bad_mesh_for_devices_names_axis():
+    with pytest.raises(MeshError, match=r"data=1 x fsdp=3 x tensor=1 multiply to 3 but there are "
+                                        r"8 devices"):
+        make_mesh(1, 3, 1)
+    with pytest.raises(MeshError, match=r"'fsdp' = -1 cannot take the rest.*3.*8 devices"):
+        make_mesh(3, -1, 1)
+    with pytest.raises(MeshError, match=r"'data', 'fsdp'.*-1"):
+        make_mesh(-1, -1, 2)
+    with pytest.raises(MeshError, match=r"'tensor': size must be >= 1"):
+        make_mesh(1, -1, 0)
+    with pytest.raises(MeshError, match=r"dcn_fsdp=3 must be >= 1 and divide the axis size 8"):
+        make_mesh(1, 8, 1, dcn_fsdp=3)
+    with pytest.raises(MeshError, match=r"'batch' of size 6 .*data=8"):
+        check_batch_size(6, make_mesh(8, 1, 1))
+
+
+def test_mesh_minus_one_takes_the_rest():
+    assert dict(make_mesh(2, -1, 2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(make_mesh(data=-1, fsdp=1, tensor=4).shape) == {"data": 2, "fsdp": 1, "tensor": 4}
+    # every device exactly once
+    ids = sorted(d.id for d in make_mesh(2, 2, 2).devices.flat)
+    assert ids == sorted(d.id for d in jax.devices())
+
+
+def test_rule_overrides_change_layout():
+    sizes = {"data": 1, "fsdp": 2, "tensor": 4}
+    # sequence parallelism at layer boundaries
+    assert spec_for(("batch", "seq", "embed"), (8, 16, 64), sizes, {"seq": "tensor"}) == \
+        P("fsdp", "tensor", None)
+    # default: embed's fsdp is taken by batch, so activations are replicated over embed
+    assert spec_for(("batch", "seq", "embed"), (8, 16, 64), sizes) == P("fsdp", None, None)
+    # pure tensor parallelism: embed unsharded
+    specs = flatten_params(param_partition_specs(CFG, sizes, {"embed": None}))
+    assert specs[("layers", "wq")] == P(None, None, "tensor", None)
+    with pytest.raises(MeshError, match="unknown logical axis 'hidden'"):
+        spec_for(("embed",), (64,), sizes, {"hidden": "fsdp"})
+    with pytest.raises(MeshError, match="unknown mesh axis 'model'"):
+        spec_for(("embed",), (64,), sizes, {"embed": "model"})
