@@ -58,16 +58,18 @@ class ModelSection:
 @dataclasses.dataclass
 class DataSection:
     train_files: List[str] = dataclasses.field(default_factory=list)
-    format: Optional[str] = None  # source schema adapter (None: inferred by the data layer)
+    schema: Optional[str] = None  # source adapter (chat, prompt_response, math, dpo, ...); None:
+    # "chat" for SFT, "dpo" for DPO
+    skip_bad_records: bool = False
     tokenizer: str = "char"  # "char" | "phi-4" | "phi-4-reasoning" | a HF tokenizer dir
     chat_format: str = "plain"
-    system_prompt: Optional[str] = None  # None: the chat format's default
     seq_len: int = 512
     packed: bool = False
     shuffle: bool = True
     seed: int = 0
     epochs: Optional[int] = None  # None: repeat forever (train.steps bounds the run)
     length_policy: str = "drop"  # "drop" | "truncate" examples longer than seq_len
+    workers: int = 0  # grain worker processes (0: in-process)
     # Synthetic verifiable math instead of files (tests, demo): {"n": 2000, "seed": 0, ...}
     synthetic: Optional[Dict[str, Any]] = None
 
@@ -221,6 +223,15 @@ def _coerce(value, tp, key: str, where: str):
     raise RunConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
 
 
+def _unknown_key(prefix: str, name: str, names, where: str) -> RunConfigError:
+    """The error for `prefix.name`, suggesting the closest sibling key."""
+    dotted = lambda n: f"{prefix}.{n}" if prefix else n  # noqa: E731
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    hint = (f"; did you mean {dotted(close[0])!r}?" if close
+            else f"; valid keys: {', '.join(dotted(n) for n in names)}")
+    return RunConfigError(f"{where}: unknown key {dotted(name)!r}{hint}")
+
+
 def _build(cls, data: dict, prefix: str, where: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -228,10 +239,7 @@ def _build(cls, data: dict, prefix: str, where: str):
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            valid = [f"{prefix}.{n}" if prefix else n for n in names]
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
-            raise RunConfigError(f"{where}: unknown key {key!r}{hint}")
+            raise _unknown_key(prefix, str(k), names, where)
         kw[k] = _coerce(v, hints[k], key, where)
     return cls(**kw)
 
@@ -243,10 +251,7 @@ def _set_dotted(tree: dict, dotted: str, value, schema, where: str) -> None:
         key = ".".join(parts[: i + 1])
         fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else None
         if fields is not None and part not in fields:
-            valid = [".".join(parts[:i] + [n]) for n in fields]
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
-            raise RunConfigError(f"{where}: unknown key {key!r}{hint}")
+            raise _unknown_key(".".join(parts[:i]), part, list(fields), where)
         if i == len(parts) - 1:
             node[part] = value
             return

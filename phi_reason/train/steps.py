@@ -94,7 +94,7 @@ def make_sft_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
         metrics = dict(metrics, tokens=_token_counts(batch), target_tokens=denom)
         return _apply(state, grads, metrics, optimizer, schedule)
 
-    return _jit(step, cfg, mesh)
+    return _jit(step, cfg, mesh, optimizer)
 
 
 # --------------------------------------------------------------------------- DPO
@@ -149,7 +149,7 @@ def make_dpo_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
                        + _token_counts(batch, "rejected_"))
         return _apply(state, grads, metrics, optimizer, schedule)
 
-    return _jit(step, cfg, mesh)
+    return _jit(step, cfg, mesh, optimizer)
 
 
 def make_reference_logps_fn(cfg: ModelConfig, mesh=None) -> Callable:
@@ -201,7 +201,7 @@ def make_pg_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
         metrics = dict(metrics, tokens=_token_counts(batch), target_tokens=norms.tokens)
         return _apply(state, grads, metrics, optimizer, schedule)
 
-    return _jit(step, cfg, mesh)
+    return _jit(step, cfg, mesh, optimizer)
 
 
 # --------------------------------------------------------------------------- jit + shardings
@@ -212,34 +212,22 @@ def _constraint(mesh):
     return rules.activation_constraint(mesh)
 
 
-def _jit(step, cfg: ModelConfig, mesh):
+def _jit(step, cfg: ModelConfig, mesh, optimizer):
     if mesh is None:
         return jax.jit(step, donate_argnums=(0,))
-    return ShardedStep(step, cfg, mesh)
+    return ShardedStep(step, cfg, mesh, optimizer)
 
 
-def state_shardings(state: TrainState, cfg: ModelConfig, mesh):
-    """Shardings for a TrainState: params (and ref params) by their logical axes; optimizer
-    leaves that mirror a parameter (Adam's mu / nu) like that parameter; the rest replicated."""
-    from ..model.params import flatten_params, param_specs
-    from ..sharding import rules
-    from jax.sharding import NamedSharding, PartitionSpec
+def state_shardings(state: TrainState, cfg: ModelConfig, mesh, optimizer):
+    """Shardings for a TrainState: params (and ref params) by their logical axes, optimizer
+    leaves that mirror a parameter (AdamW mu / nu) like that parameter, the rest replicated."""
+    from ..sharding.init import opt_state_shardings
+    from ..sharding.rules import param_shardings, replicated
 
-    param_sh = rules.param_shardings(cfg, mesh)
-    flat = flatten_params(param_sh)
-    shapes = {path: spec.shape for path, spec in param_specs(cfg).items()}
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def opt_leaf(path, leaf):
-        keys = tuple(getattr(k, "key", None) for k in path)
-        for n in range(len(keys), 0, -1):
-            suffix = keys[-n:]
-            if suffix in flat and tuple(getattr(leaf, "shape", ())) == shapes[suffix]:
-                return flat[suffix]
-        return replicated
-
-    opt_sh = jax.tree_util.tree_map_with_path(opt_leaf, state.opt_state)
-    return state.replace(params=param_sh, opt_state=opt_sh, step=replicated, rng=replicated,
+    param_sh = param_shardings(cfg, mesh)
+    opt_sh = opt_state_shardings(optimizer, state.params, param_sh, mesh)
+    return state.replace(params=param_sh, opt_state=opt_sh, step=replicated(mesh),
+                         rng=replicated(mesh),
                          ref_params=None if state.ref_params is None else param_sh)
 
 
@@ -257,8 +245,8 @@ class ShardedStep:
     """jit with explicit in/out shardings, built on first call from the state and batch
     structure (a batch with different keys or ranks gets its own compilation)."""
 
-    def __init__(self, step, cfg: ModelConfig, mesh):
-        self.step, self.cfg, self.mesh = step, cfg, mesh
+    def __init__(self, step, cfg: ModelConfig, mesh, optimizer):
+        self.step, self.cfg, self.mesh, self.optimizer = step, cfg, mesh, optimizer
         self._compiled = {}
 
     def __call__(self, state, batch):
@@ -267,7 +255,7 @@ class ShardedStep:
         key = tuple(sorted((k, jnp.ndim(v)) for k, v in batch.items())) + (
             state.ref_params is None,)
         if key not in self._compiled:
-            s_sh = state_shardings(state, self.cfg, self.mesh)
+            s_sh = state_shardings(state, self.cfg, self.mesh, self.optimizer)
             self._compiled[key] = jax.jit(
                 self.step, donate_argnums=(0,),
                 in_shardings=(s_sh, batch_shardings(batch, self.mesh)),
