@@ -174,3 +174,39 @@ def test_grade_cli_bad_input(tmp_path):
     with pytest.raises(ValueError, match=r"in\.jsonl:2: missing key 'prediction'"):
         cli.main(["grade", "--input", str(src), "--output", str(tmp_path / "o.jsonl")])
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_model_generate_fn_wiring(monkeypatch):
+    """The checkpoint path with the sampler and checkpoint loader faked (a real run needs a model):
+    prompts are the chat-format renderings repeated K times, stop tokens are passed and stripped
+    from the text but counted in num_tokens, and sampling settings reach the sampler."""
+    import phi_reason.checkpoint as checkpoint
+    import phi_reason.generate.sampler as sampler
+    from phi_reason.data.chat import render_prompt, stop_ids
+    from phi_reason.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("char")
+    stops = tuple(stop_ids("plain", tok))
+    calls = {}
+
+    def fake_generate(params, cfg, prompts, max_new_tokens, **kw):
+        calls.update(prompts=prompts, max_new_tokens=max_new_tokens, **kw)
+        toks = [tok.encode("\\boxed{2}") + [stops[0]], tok.encode("\\boxed{3")]
+        return sampler.GenerateOutput(tokens=[toks[i % 2] for i in range(len(prompts))],
+                                      logprobs=[[] for _ in prompts],
+                                      finish_reasons=["stop", "length"] * (len(prompts) // 2))
+
+    monkeypatch.setattr(checkpoint, "load_pretrained", lambda path: ("cfg", "params"))
+    monkeypatch.setattr(sampler, "generate", fake_generate)
+    fn, fmt = benchmarks.model_generate_fn("/ckpt/x", tokenizer="char", chat_format="plain",
+                                           temperature=0.8, top_p=0.95, max_new_tokens=16, seed=5)
+    out = fn(["1+1?", "1+2?"], 2)
+    assert fmt == "plain"
+    expected_prompts = [render_prompt(q, tok, "plain") for q in ("1+1?", "1+2?") for _ in range(2)]
+    assert calls["prompts"] == expected_prompts
+    assert (calls["temperature"], calls["top_p"], calls["seed"], calls["max_new_tokens"]) == (
+        0.8, 0.95, 5, 16)
+    assert tuple(calls["stop_tokens"]) == stops
+    assert out[0] == {"text": "\\boxed{2}", "num_tokens": len("\\boxed{2}") + 1,
+                      "finish_reason": "stop"}
+    assert out[1] == {"text": "\\boxed{3", "num_tokens": len("\\boxed{3"), "finish_reason": "length"}

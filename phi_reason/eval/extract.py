@@ -11,7 +11,7 @@ BOX_COMMANDS = ("\\boxed", "\\fbox")
 THINK_CLOSE = "</think>"
 
 _FINAL_ANSWER_RE = re.compile(
-    r"(?:final answer|the answer)\s*(?:is|:|=)?\s*:?\s*(?P<ans>[^\n]{1,400})", re.IGNORECASE)
+    r"(?:final answer|the answer)\b\s*(?:is\b|:|=)\s*:?\s*(?P<ans>[^\n]{1,400})", re.IGNORECASE)
 _GSM8K_RE = re.compile(r"####\s*(?P<ans>[^\n]{1,200})")
 # A number: optional sign, digits with optional thousands separators, optional decimals or a
 # simple fraction.  Bounded repetition keeps this linear.

@@ -25,7 +25,7 @@ _UNIT_WORDS = {
     "units", "unit", "sq", "square", "cubic", "hour", "hours", "minute", "minutes", "second",
     "seconds", "day", "days", "week", "weeks", "year", "years", "mph", "kg", "g", "pounds",
     "pound", "lb", "lbs", "ounces", "oz", "liters", "l", "ml", "gallons", "people", "students",
-    "ways", "points", "times", "percent", "and", "or",
+    "ways", "points", "times", "percent",
 }
 _LEADING_VAR_IN_RE = re.compile(r"^[a-zA-Z]\s*\\in\s*")
 
@@ -152,6 +152,7 @@ def normalize(answer: str) -> Normalized:
     s = re.sub(r"\\text\{\s*percent\s*\}", "", s)
     degrees = bool(_DEGREE_RE.search(s))
     s = _DEGREE_RE.sub("", s)
+    s = re.sub(r"\\text\{\s*(?:and|or)\s*\}|\s+(?:and|or)\s+", ",", s)  # "1 and 2" lists
     s = _strip_trailing_units(s.strip())
     s = _strip_unit_words(s.strip())
     s = _LEADING_VAR_IN_RE.sub("", s)
