@@ -62,6 +62,9 @@ def test_host_shards_partition_the_stream():
     assert collections.Counter(shards[0] + shards[1]) == collections.Counter(list(LENGTHS))
     first = next(_sft(packed=False, batch_size=4, shard_index=1, shard_count=2))
     assert first["tokens"].shape == (2, 96)  # global batch 4 -> 2 rows per host
+    endless = [_sft(packed=False, num_epochs=None, shard_index=h, shard_count=2) for h in range(2)]
+    two_epochs = [p for _ in range(30) for it in endless for p in _problems_in(next(it))]
+    assert collections.Counter(two_epochs) == collections.Counter(list(LENGTHS) * 2)
     with pytest.raises(ValueError, match="not divisible by 3 hosts"):
         _sft(batch_size=4, shard_index=0, shard_count=3)
 

@@ -118,6 +118,10 @@ def test_schema_adapters(tmp_path):
     no_assistant = _write_jsonl(tmp_path / "c.jsonl", [json.dumps({"messages": [{"role": "user", "content": "x"}]})])
     with pytest.raises(DataError, match="c.jsonl:1: conversation has no assistant message"):
         read_records(no_assistant, "chat")
+    bad_role = _write_jsonl(tmp_path / "r.jsonl", [json.dumps(rows["chat"]), json.dumps(
+        {"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]})])
+    with pytest.raises(DataError, match="r.jsonl:2: message 1 must be"):
+        read_records(bad_role, "chat")
     with pytest.raises(DataError, match="unknown schema"):
         read_records(no_assistant, "sft")
 

@@ -267,6 +267,7 @@ def example_dataset(records, to_example, *, seed=0, shuffle=True, num_epochs=Non
     """records -> shuffled (new permutation each epoch) -> repeated -> this host's shard -> examples.
     Sharding after shuffle and repeat splits the one global stream: host h takes its elements
     h, h + hosts, ... so hosts never see the same element of an epoch."""
+    records = getattr(records, "records", records)  # a sources.Records or a plain list
     if len(records) == 0:
         raise ValueError("no records")
     shard_index, shard_count = _host_shard(shard_index, shard_count)

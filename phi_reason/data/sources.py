@@ -21,6 +21,7 @@ import os
 import pathlib
 
 from .boxed import gsm8k_answer, last_boxed
+from .chat import ROLES
 
 
 class DataError(ValueError):
@@ -148,11 +149,13 @@ def _messages(value, where) -> list[dict]:
     """A prompt given as text or as a list of {role, content} messages."""
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
-    if isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in value):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise DataError(f"{where}: expected text or a list of {{role, content}} messages, got {value!r:.80}")
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: expected text or a list of {{role, content}} messages, got {value!r:.80}")
+    for i, m in enumerate(value):
+        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: message {i} must be {{role: one of {ROLES}, content: text}}, "
+                            f"got {m!r:.80}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
 def _qa(prompt: str, response: str) -> list[dict]:
