@@ -99,7 +99,8 @@ def load_benchmark(name: str, path=None) -> list[dict]:
                              f"{spec.question} present (keys: {sorted(row)})")
         if spec.answer_in_solution:
             if spec.answer_in_solution not in row:
-                raise ValueError(f"{where}: row {index + 1}: missing key {spec.answer_in_solution!r}")
+                raise ValueError(f"{where}: row {index + 1}: missing key "
+                                 f"{spec.answer_in_solution!r}")
             answer = last_boxed(str(row[spec.answer_in_solution]))
             if answer is None:
                 raise ValueError(f"{where}: row {index + 1}: no \\boxed{{}} answer in "

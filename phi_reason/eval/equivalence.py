@@ -19,7 +19,7 @@ from phi_reason.eval.normalize import normalize, strip_text_commands, text_key
 
 MAX_ANSWER_CHARS = 2000      # longer answers (never a real gold) are compared verbatim only
 MAX_ITEMS = 200               # a "list" with more elements is not an answer we compare
-MIN_PREDICTED_SIG_DIGITS = 6  # a predicted decimal standing in for an exact value must be this precise
+MIN_PREDICTED_SIG_DIGITS = 6  # precision a predicted decimal needs to stand in for an exact value
 _MATRIX_ENVS = ("pmatrix", "bmatrix", "Bmatrix", "vmatrix", "matrix", "smallmatrix")
 _SIMPLE_LHS_RE = re.compile(r"[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+")
 _OPENERS, _CLOSERS = "([{", ")]}"
@@ -106,7 +106,8 @@ def parse_structure(s: str) -> Node:
     if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _encloses(s):
         items = split_top_level(s[1:-1], ",")
         if len(items) >= 2:
-            return Node("seq", items=tuple(parse_structure(p) for p in items), brackets=s[0] + s[-1])
+            return Node("seq", items=tuple(parse_structure(p) for p in items),
+                        brackets=s[0] + s[-1])
         if s[0] + s[-1] == "()":
             return parse_structure(s[1:-1])
     items = split_top_level(s, ",")

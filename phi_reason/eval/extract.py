@@ -65,7 +65,7 @@ def _box_starts(text: str) -> list[int]:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last balanced `\\boxed{...}` / `\\fbox{...}` in `text` (nested braces kept)."""
+    """Content of the last balanced `\\boxed{...}` / `\\fbox{...}` (nested braces kept)."""
     starts = []
     for end in _box_starts(text):
         i = end

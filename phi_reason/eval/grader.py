@@ -10,12 +10,12 @@ import atexit
 import threading
 
 from phi_reason.eval.extract import extract_answer, gold_answer
-from phi_reason.eval.single import grade_in_process
 from phi_reason.eval.pool import DEFAULT_TIMEOUT, GraderPool
 from phi_reason.eval.result import GradeResult
+from phi_reason.eval.single import grade_in_process
 
-__all__ = ["GradeResult", "GraderPool", "extract_answer", "gold_answer", "grade", "grade_in_process",
-           "grade_many"]
+__all__ = ["GradeResult", "GraderPool", "extract_answer", "gold_answer", "grade",
+           "grade_in_process", "grade_many"]
 
 _shared_pools: dict[tuple[int, float], GraderPool] = {}
 _shared_lock = threading.Lock()

@@ -7,7 +7,10 @@ worker; when it overruns its deadline the worker is killed and replaced and the 
 
 Workers are forked from a clean `forkserver` process (never from the caller, which may hold JAX
 threads) that has already imported and warmed the parser, so a replacement starts in
-milliseconds and the first item does not pay the import inside its deadline.
+milliseconds and the first item does not pay the import inside its deadline.  As with any
+non-fork start method, a script that creates a pool must guard its entry point with
+`if __name__ == "__main__":` (workers re-import the main module).  The forkserver starts once per
+process, on the first pool, and pays the package import (~5 s) then.
 """
 from __future__ import annotations
 

@@ -32,14 +32,16 @@ def render_markdown(summary: dict, title: str, settings: dict | None = None) -> 
         f"| mean tokens, correct | {_num(summary['mean_tokens_correct'])} |",
         f"| mean tokens, incorrect | {_num(summary['mean_tokens_incorrect'])} |",
         f"| truncation rate (hit max tokens) | {_pct(summary['truncation_rate'])} |",
-        f"| grading statuses | {', '.join(f'{s}: {n}' for s, n in sorted(summary['status_counts'].items()))} |",
+        "| grading statuses | " + ", ".join(
+            f"{s}: {n}" for s, n in sorted(summary["status_counts"].items())) + " |",
         "",
     ]
     for name, key in (("subject", "by_subject"), ("level", "by_level")):
         groups = summary[key]
         if not groups:
             continue
-        lines += [f"## By {name}", "", f"| {name} | problems | pass@1 | maj@{k} |", "|---|---|---|---|"]
+        lines += [f"## By {name}", "", f"| {name} | problems | pass@1 | maj@{k} |",
+                  "|---|---|---|---|"]
         lines += [f"| {g} | {row['problems']} | {_pct(row['pass@1'])} | {_pct(row[f'maj@{k}'])} |"
                   for g, row in groups.items()]
         lines.append("")
