@@ -107,6 +107,7 @@ CASES = [
     (B("\\text{(C)}"), "C", "eval", True),
     (B("(B)"), "\\text{(C)}", "eval", False),
     (B("East"), "\\text{east}", "eval", True),
+    (B("Evelny"), "\\text{Evelyn}", "eval", False),                 # an anagram is not a match
     (B("\\text{ellipse}"), "\\text{circle}", "eval", False),
     # --- extraction: multiple boxes, nested braces, fallbacks
     ("first \\boxed{2}, then corrected: \\boxed{3}", "3", "eval", True),

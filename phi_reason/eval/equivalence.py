@@ -205,11 +205,10 @@ def scalars_equal(pred: str, gold: str, pred_percent=False, gold_percent=False) 
     if p.text.replace(" ", "") == g.text.replace(" ", ""):
         return True
     pk, gk = text_key(p.text), text_key(g.text)
-    if pk is not None or gk is not None:
-        if pk == gk:
-            return True
-        if gk is not None and safe_sympy.parse_latex(strip_text_commands(g.text)) is None:
-            return False  # a word answer never matches mathematics
+    if gk is not None:
+        # A word gold (`Evelyn`, `(C)`, `east`) is matched by its letters only: as mathematics
+        # it would be a commutative product of symbols, and an anagram would "equal" it.
+        return pk == gk
     ptext, gtext = strip_text_commands(p.text), strip_text_commands(g.text)
     pnum, gnum = plain_number(ptext), plain_number(gtext)
     scales = [Fraction(1)]
