@@ -4,6 +4,8 @@ Each verdict was decided by hand from the mathematics, not by running the grader
 through `grade_in_process` (exactly what a sandbox worker runs) so it stays fast; the sandbox
 itself is exercised in test_grader_pool.py.
 """
+import builtins
+
 import pytest
 
 from phi_reason.eval.grader import grade_in_process
@@ -127,12 +129,34 @@ CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def warm():
+    grade_in_process("\\boxed{\\sqrt{2}x+\\frac{1}{2}}", "0.5+\\sqrt2 x")  # imports happen here
+
+
+@pytest.fixture
+def no_eval(warm, monkeypatch):
+    """Every table case also proves that grading never evaluates source text with Python's
+    eval/exec (code objects are fine: that is how sympy's lazy submodule imports run)."""
+    real = {"eval": builtins.eval, "exec": builtins.exec}
+
+    def trap(name):
+        def trapped(source, *args, **kwargs):
+            if isinstance(source, (str, bytes)):
+                raise AssertionError(f"{name} of source text during grading: {source[:80]!r}")
+            return real[name](source, *args, **kwargs)
+        return trapped
+
+    monkeypatch.setattr(builtins, "eval", trap("eval"))
+    monkeypatch.setattr(builtins, "exec", trap("exec"))
+
+
 @pytest.mark.parametrize("prediction,gold,mode,expected", CASES,
                          ids=[f"{i:02d}" for i in range(len(CASES))])
-def test_grading_table(prediction, gold, mode, expected):
+def test_grading_table(prediction, gold, mode, expected, no_eval):
     result = grade_in_process(prediction, gold, mode)
     assert result.correct is expected, (prediction, gold, result)
-    assert result.status in ("ok", "no_answer")
+    assert result.status in ("ok", "no_answer"), result  # an eval trap would surface as "error"
 
 
 def test_table_is_large_and_balanced():

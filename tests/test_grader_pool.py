@@ -68,15 +68,19 @@ def test_adversarial_inputs_are_bounded_wrong_and_inert(pool, tmp_path):
 
 
 def test_no_eval_or_exec_reaches_model_text(monkeypatch, tmp_path):
-    """In-process, with `eval`/`exec` trapped: grading hostile and ordinary answers never calls
-    them (sympy's parse_expr/sympify on strings would)."""
+    """In-process, with `eval`/`exec` of source text trapped: grading hostile and ordinary answers
+    never calls them (sympy's parse_expr/sympify on strings would, e.g. via sympy.Number(str))."""
     grade_in_process("\\boxed{\\sqrt{2}x+\\frac{1}{2}}", "0.5+\\sqrt2 x")  # warm imports first
     calls = []
 
+    real = {"eval": builtins.eval, "exec": builtins.exec}
+
     def trap(name):
-        def trapped(*args, **kwargs):
-            calls.append((name, str(args[0])[:80]))
-            raise AssertionError(f"{name} called during grading")
+        def trapped(source, *args, **kwargs):
+            if isinstance(source, (str, bytes)):  # code objects: lazy imports inside sympy
+                calls.append((name, source[:80]))
+                raise AssertionError(f"{name} of source text during grading")
+            return real[name](source, *args, **kwargs)
         return trapped
 
     monkeypatch.setattr(builtins, "eval", trap("eval"))
