@@ -52,3 +52,38 @@ def test_build_pg_batch_layout():
 def test_pad_length():
     assert pad_length(33, 32) == 64 and pad_length(64, 32) == 64
     assert pad_length(33, 32, cap=40) == 40 and pad_length(50, 32, cap=40) == 50
+
+
+def test_rl_configs_carry_the_paper_values():
+    import pathlib
+
+    from phi_reason.train.rl_config import load_rl_config
+
+    root = pathlib.Path(__file__).parents[1] / "configs"
+    plus = load_rl_config(str(root / "phi4_reasoning_plus_grpo.yaml"))
+    assert (plus.rl.prompts_per_step, plus.rl.group_size, plus.rl.steps) == (64, 8, 90)
+    assert plus.train.lr == 5e-8 and plus.train.pg.beta == 0.001
+    assert plus.train.pg.entropy_coef == 0.001 and plus.rl.max_new_tokens == 31744
+    assert [(s.name, s.weight) for s in plus.reward_specs()] == [
+        ("phi4_plus_length", pytest.approx(8 / 13)), ("repetition", pytest.approx(1 / 13))]
+    mini = load_rl_config(str(root / "phi4_mini_reasoning_rl.yaml"))
+    assert [s.name for s in mini.reward_specs()] == ["binary"] and mini.train.lr == 5e-7
+    assert mini.rl.max_prompt_tokens + mini.rl.max_new_tokens == 25600
+    t = mini.rl.temperature.build()
+    assert t(0) == 1.0 and t(mini.rl.temperature.anneal_steps) == pytest.approx(0.6)
+    assert t(10_000) == pytest.approx(0.6) and mini.rl.prompt_filter and mini.rl.dynamic_sampling
+    load_rl_config(str(root / "tiny_rl.yaml"))
+
+
+def test_rl_config_errors():
+    from phi_reason.config import RunConfigError
+    from phi_reason.train.rl_config import load_rl_config
+
+    with pytest.raises(RunConfigError, match="did you mean 'rl.group_size'"):
+        load_rl_config(None, ["rl.group_sise=4"])
+    with pytest.raises(RunConfigError, match="must divide"):
+        load_rl_config(None, ["rl.prompts_per_step=3", "rl.group_size=3", "train.batch_size=4"])
+    with pytest.raises(RunConfigError, match="only exact with mu = 1"):
+        load_rl_config(None, ["rl.old_logprobs=sampler", "rl.mu=2", "train.batch_size=64"])
+    with pytest.raises(RunConfigError, match="unknown reward"):
+        load_rl_config(None, ["rl.rewards=[{name: nope}]"])

@@ -70,6 +70,22 @@ def submit_grading(grader, pairs, mode: str) -> Callable[[], list]:
     return lambda: [f.result().correct for f in futures]
 
 
+def evaluate_policy(params, cfg, tokenizer, prompts: Sequence[Prompt], stop_ids, grader, *,
+                    max_new_tokens: int, samples: int = 1, temperature: float = 0.0,
+                    seed: int = 12345, mode: str = "eval", num_slots=None, mesh=None) -> dict:
+    """Accuracy of `samples` completions per prompt (greedy by default), graded in `mode`."""
+    from ..generate.sampler import generate
+
+    out = generate(params, cfg, [p.ids for p in prompts for _ in range(samples)],
+                   max_new_tokens=max_new_tokens, temperature=temperature,
+                   stop_tokens=tuple(stop_ids), seed=seed, num_slots=num_slots, mesh=mesh)
+    texts = [decode_completion(tokenizer, t, stop_ids) for t in out.tokens]
+    answers = [p.answer for p in prompts for _ in range(samples)]
+    correct = np.asarray(submit_grading(grader, list(zip(texts, answers)), mode)())
+    return {"eval/accuracy": float(correct.mean()),
+            "eval/truncated": float(np.mean([r == "length" for r in out.finish_reasons]))}
+
+
 def _rollout_seed(seed: int, step: int, round_: int) -> int:
     return (seed * 1_000_003 + step * 1_009 + round_ * 7) % (2 ** 31 - 1)
 
@@ -248,14 +264,12 @@ class RLLoop:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, prompts: Sequence[Prompt], samples: int = 1, temperature: float = 0.0,
-                 seed: int = 12345, mode: str = "eval") -> dict:
+                 seed: int = 12345) -> dict:
         """Held-out accuracy of the current policy (greedy by default)."""
-        out = self.sample(prompts, temperature, seed, samples)
-        texts = self.decode(out.tokens)
-        answers = [p.answer for p in prompts for _ in range(samples)]
-        correct = np.asarray(submit_grading(self.grader, list(zip(texts, answers)), mode)())
-        return {"eval/accuracy": float(correct.mean()),
-                "eval/truncated": float(np.mean([r == "length" for r in out.finish_reasons]))}
+        return evaluate_policy(self.state.params, self.model_cfg, self.tokenizer, prompts,
+                               self.stop_ids, self.grader, max_new_tokens=self.rl.max_new_tokens,
+                               samples=samples, temperature=temperature, seed=seed,
+                               num_slots=self.rl.num_slots, mesh=self.mesh)
 
     # ------------------------------------------------------------------ resume
     def extra_state(self) -> dict:
