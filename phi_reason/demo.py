@@ -1,0 +1,268 @@
+"""`phi-reason demo`: the Phi-4-mini-reasoning recipe at toy scale, on CPU, through the real code.
+
+A tiny Phi-architecture model (char tokenizer) is trained from scratch on synthetic verifiable math:
+
+  base (random init) -> mid-training (packed) -> SFT (unpacked) -> Rollout DPO -> RL (GRPO)
+
+Each stage is an ordinary run of the project's commands: the demo writes the data as JSONL and each
+stage's run config as YAML under `<out>/configs/`, then calls the same functions as `phi-reason sft`,
+`rollout-dpo`, `dpo` and `rl` with those files; every stage starts from the previous stage's
+exported Orbax weights (`<out>/<stage>/final`). After each stage the model is evaluated greedily on
+held-out problems with the sampler and the sandboxed grader. The demo only chooses sizes
+(`configs/demo.yaml`).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+STAGES = ("base", "midtrain", "sft", "dpo", "rl")
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (extra or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for k in parents:
+        tree = tree.setdefault(k, {})
+    tree[leaf] = value
+
+
+def load_spec(config=None, quick=False, overrides=()) -> dict:
+    from .config import parse_override
+
+    path = Path(config) if config else DEFAULT_CONFIG
+    if not path.exists():
+        raise FileNotFoundError(f"demo config {path} not found (pass --config)")
+    spec = yaml.safe_load(path.read_text())
+    quick_part = spec.pop("quick", {})
+    if quick:
+        spec = _merge(spec, quick_part)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(spec, key, value)
+    return spec
+
+
+# ------------------------------------------------------------------------------------- data
+def _write_jsonl(path: Path, records) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def write_data(task: dict, seed: int, data_dir: Path) -> dict:
+    """Disjoint synthetic splits: held-out eval, the mid-training corpus, the SFT subset and the
+    prompts used for Rollout DPO and RL (all distinct problems)."""
+    from .data.synthetic import make_problems
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    common = dict(kinds=tuple(task["kinds"]), difficulty=task["difficulty"])
+    sizes = {k: int(task[k]) for k in ("heldout", "midtrain", "sft", "dpo_prompts", "rl_prompts")}
+    every = make_problems(sum(sizes.values()), seed, **common)
+    splits, start = {}, 0
+    for name, n in sizes.items():
+        splits[name] = every[start:start + n]
+        start += n
+
+    def chat(p):
+        return {"messages": [{"role": "user", "content": p["problem"]},
+                             {"role": "assistant", "content": p["solution"]}]}
+
+    files = {}
+    for name, records in splits.items():
+        rows = ([chat(p) for p in records] if name in ("midtrain", "sft") else
+                [{"prompt": p["problem"], "answer": p["answer"]} for p in records])
+        files[name] = data_dir / f"{name}.jsonl"
+        _write_jsonl(files[name], rows)
+    return files
+
+
+# ------------------------------------------------------------------------------------- stages
+def _stage_config(spec: dict, stage: str, out: Path, model_path: Path, files: dict) -> Path:
+    """The stage's run config as YAML (runnable with the CLI on its own)."""
+    data_common = {"tokenizer": "char", "chat_format": "plain"}
+    base = {
+        "model": {"path": str(model_path), "preset": None},
+        "output": {"dir": str(out / stage), "tensorboard": False, "save_every": 10**6, "keep": 1},
+    }
+    if stage in ("midtrain", "sft"):
+        base["data"] = {**data_common, "train_files": [str(files[stage])], "schema": "chat",
+                        "packed": stage == "midtrain"}
+    elif stage == "rollout":
+        base["data"] = {**data_common, "train_files": [str(files["dpo_prompts"])], "schema": "rl"}
+        base["output"]["dir"] = str(out / "rollout")
+    elif stage == "dpo":
+        base["data"] = {**data_common, "train_files": [str(out / "rollout" / "pairs.jsonl")],
+                        "schema": "dpo"}
+    elif stage == "rl":
+        base["data"] = {**data_common, "train_files": [str(files["rl_prompts"])], "schema": "rl"}
+    cfg = _merge(base, spec.get(stage, {}))
+    path = out / "configs" / f"{stage}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+class Evaluator:
+    """Greedy held-out accuracy and mean response length of a saved model."""
+
+    def __init__(self, heldout_file: Path, max_new_tokens: int, pool):
+        from .data.tokenizer import load_tokenizer
+        from .data.sources import load_records
+        from .train.rl_prompts import prompts_from_records
+
+        self.tok = load_tokenizer("char")
+        recs = load_records([str(heldout_file)], "rl")
+        self.prompts, _ = prompts_from_records(recs.records, recs.where, self.tok, "plain", 10**6)
+        self.max_new_tokens, self.pool = max_new_tokens, pool
+
+    def __call__(self, model_dir: Path) -> dict:
+        from .checkpoint import load_pretrained
+        from .data.chat import stop_ids
+        from .generate.sampler import generate
+        from .train.rl import decode_completion, submit_grading
+
+        cfg, params = load_pretrained(str(model_dir))
+        stops = stop_ids("plain", self.tok)
+        out = generate(params, cfg, [p.ids for p in self.prompts],
+                       max_new_tokens=self.max_new_tokens, stop_tokens=stops)
+        texts = [decode_completion(self.tok, t, stops) for t in out.tokens]
+        correct = submit_grading(self.pool, [(t, p.answer) for t, p in zip(texts, self.prompts)],
+                                 "eval")()
+        return {"accuracy": sum(correct) / len(correct),
+                "mean_response_tokens": sum(map(len, out.tokens)) / len(out.tokens),
+                "sample": {"problem": self.prompts[0].text, "response": texts[0]}}
+
+
+def _save_base(spec: dict, out: Path) -> Path:
+    import jax
+
+    from . import ModelConfig, init_params
+    from .checkpoint import save_pretrained
+
+    m = spec["model"]
+    cfg = ModelConfig.preset(m.get("preset", "tiny"), **m.get("overrides", {}))
+    params = init_params(cfg, jax.random.key(int(m.get("init_seed", 0))))
+    path = out / "base" / "final"
+    save_pretrained(cfg, params, str(path), format="orbax", overwrite=True)
+    return path
+
+
+def run_stages(spec: dict, out: Path, log=print) -> list:
+    from .eval.pool import GraderPool
+    from .train.loop import run_dpo, run_sft
+    from .train.rl import run_rl
+    from .train.rollout_dpo import run_rollout_dpo
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = write_data(spec["task"], int(spec.get("seed", 0)), out / "data")
+    results = []
+    with GraderPool(workers=2, timeout=5.0) as pool:
+        evaluate = Evaluator(files["heldout"], int(spec["eval"]["max_new_tokens"]), pool)
+        model = None
+        for stage in STAGES:
+            log(f"\n=== stage: {stage} ===")
+            t0 = time.time()
+            if stage == "base":
+                model = _save_base(spec, out)
+            else:
+                if stage == "dpo":
+                    rc = run_rollout_dpo(str(_stage_config(spec, "rollout", out, model, files)))
+                    _check(rc, "rollout")
+                runner = {"midtrain": run_sft, "sft": run_sft, "dpo": run_dpo, "rl": run_rl}[stage]
+                _check(runner(str(_stage_config(spec, stage, out, model, files))), stage)
+                model = out / stage / "final"
+            train_time = time.time() - t0
+            metrics = evaluate(model)
+            row = {"name": stage, "accuracy": metrics["accuracy"],
+                   "mean_response_tokens": metrics["mean_response_tokens"],
+                   "train_seconds": round(train_time, 1), "model": str(model),
+                   "sample": metrics["sample"]}
+            results.append(row)
+            log(f"{stage}: held-out accuracy {row['accuracy']:.3f}, mean response "
+                f"{row['mean_response_tokens']:.1f} tokens, {train_time:.0f}s")
+    return results
+
+
+def _check(rc: int, stage: str) -> None:
+    if rc:
+        raise RuntimeError(f"demo stage {stage} failed with exit code {rc}")
+
+
+# ------------------------------------------------------------------------------------- report
+def rl_reward_curve(out: Path) -> list:
+    path = out / "rl" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["step"], r["rollout/reward_mean"]) for r in rows if "rollout/reward_mean" in r]
+
+
+def write_report(results: list, out: Path, elapsed: float) -> str:
+    summary = {"stages": results, "total_seconds": round(elapsed, 1),
+               "rl_reward_curve": rl_reward_curve(out)}
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "summary.json")
+    _plot(results, summary["rl_reward_curve"], out / "demo.png")
+    lines = ["", f"{'stage':<10} {'held-out acc':>12} {'mean length':>12} {'train time':>11}"]
+    for r in results:
+        lines.append(f"{r['name']:<10} {r['accuracy']:>12.3f} {r['mean_response_tokens']:>12.1f} "
+                     f"{r['train_seconds']:>10.0f}s")
+    lines.append(f"\ntotal {elapsed:.0f}s; summary.json and demo.png in {out}")
+    return "\n".join(lines)
+
+
+def _plot(results, curve, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.bar([r["name"] for r in results], [r["accuracy"] for r in results], color="tab:blue")
+    a.set_ylabel("held-out accuracy (greedy)")
+    a.set_ylim(0, 1)
+    a.set_title("accuracy by stage")
+    if curve:
+        b.plot([s for s, _ in curve], [v for _, v in curve], marker="o")
+    b.set_xlabel("RL step")
+    b.set_ylabel("mean reward")
+    b.set_title("RL reward")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------- entry
+def main(out="./demo_out", quick=False, config=None, model=None, data=None, num_problems=5,
+         overrides=()) -> int:
+    if model is not None:
+        from .demo_real import run_real_model
+
+        return run_real_model(model, data, num_problems)
+    spec = load_spec(config, quick, overrides)
+    out = Path(out).absolute()
+    if out.exists() and any(out.iterdir()):
+        print(f"error: output dir {out} is not empty; choose another --out or delete it",
+              file=sys.stderr)
+        return 2
+    t0 = time.time()
+    results = run_stages(spec, out)
+    print(write_report(results, out, time.time() - t0))
+    return 0
