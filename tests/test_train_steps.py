@@ -155,7 +155,7 @@ def test_schedules_match_formulas():
     np.testing.assert_allclose([float(const(s)) for s in (2, 4, 49)], [1.5, 3.0, 3.0], rtol=1e-6)
 
 
-def test_bf16_compute_keeps_float32_master_params():
+def test_bf16_compute_keeps_float32_master_params(sft_steps):
     cfg16 = CFG.replace(dtype="bfloat16")
     tc = train_cfg()
     batch = rows(np.random.default_rng(4))
@@ -163,8 +163,9 @@ def test_bf16_compute_keeps_float32_master_params():
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(s16.params))
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(s16.opt_state)
                if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating))
-    _, m32 = make_sft_step(CFG, tc)(fresh_state(tc), batch)
+    _, m32 = sft_steps[1](fresh_state(tc), batch)
     np.testing.assert_allclose(float(m16["loss"]), float(m32["loss"]), rtol=2e-2)
+    assert float(m16["loss"]) != float(m32["loss"])  # the compute really ran in bfloat16
 
 
 def dpo_batch(rng):
@@ -185,36 +186,34 @@ def test_dpo_step_reference_modes_and_accumulation():
     ref_r, _ = sequence_logprobs(params, CFG, strip("rejected_"))
     pre = dict(batch, chosen_ref_logps=np.asarray(ref_c), rejected_ref_logps=np.asarray(ref_r))
     s_pre, m_pre = make_dpo_step(CFG, tc)(fresh_state(tc), pre)
-    s_ref, m_ref = make_dpo_step(CFG, tc)(fresh_state(tc, ref=True), batch)
+    # reference from frozen params in the state, and two micro-batches
     tc2 = dataclasses.replace(tc, micro_batch_size=2)
-    s_acc, m_acc = make_dpo_step(CFG, tc2)(fresh_state(tc2), pre)
+    s_acc, m_acc = make_dpo_step(CFG, tc2)(fresh_state(tc2, ref=True), batch)
     # policy == reference at step 0: h = 0, sigmoid loss = log 2, rewards 0
     np.testing.assert_allclose(float(m_pre["loss"]), math.log(2), rtol=1e-5)
-    np.testing.assert_allclose(float(m_ref["loss"]), math.log(2), rtol=1e-5)
-    for m in (m_ref, m_acc):
-        np.testing.assert_allclose(float(m["grad_norm"]), float(m_pre["grad_norm"]), rtol=1e-4)
-    leaves_close(s_ref.params, s_pre.params, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(m_acc["loss"]), math.log(2), rtol=1e-5)
+    np.testing.assert_allclose(float(m_acc["grad_norm"]), float(m_pre["grad_norm"]), rtol=1e-4)
     leaves_close(s_acc.params, s_pre.params, rtol=1e-4, atol=1e-6)
     assert float(m_pre["grad_norm"]) > 0
 
 
-def test_pg_step_accumulation_and_on_policy_gradient():
+def test_pg_step_accumulation_and_on_policy_loss():
+    """dapo normalises by the global token count: the case micro-batching gets wrong most easily."""
     rng = np.random.default_rng(6)
     batch = dict(rows(rng), advantages=rng.normal(size=B).astype(np.float32))
-    for loss_type in ("grpo", "dapo"):
-        tc = train_cfg(**{"pg.loss_type": loss_type})
-        s1, m1 = make_pg_step(CFG, tc)(fresh_state(tc), batch)
-        tc2 = dataclasses.replace(tc, micro_batch_size=2)
-        s2, m2 = make_pg_step(CFG, tc2)(fresh_state(tc2), batch)
-        np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
-        leaves_close(s2.params, s1.params, rtol=1e-4, atol=1e-6)
-        # on-policy: ratio exactly 1, nothing clipped, loss = -(aggregated advantages)
-        assert float(m1["ratio/max"]) == 1.0 and float(m1["clip_fraction"]) == 0.0
-        mask = (batch["loss_mask"][:, 1:] * (batch["segment_ids"][:, 1:] > 0)).astype(np.float64)
-        adv = batch["advantages"].astype(np.float64)
-        want = (-adv.mean() if loss_type == "grpo"
-                else -(adv[:, None] * mask).sum() / mask.sum())
-        np.testing.assert_allclose(float(m1["loss"]), want, rtol=1e-5)
+    tc = train_cfg(**{"pg.loss_type": "dapo"})
+    s1, m1 = make_pg_step(CFG, tc)(fresh_state(tc), batch)
+    tc2 = dataclasses.replace(tc, micro_batch_size=2)
+    s2, m2 = make_pg_step(CFG, tc2)(fresh_state(tc2), batch)
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)
+    leaves_close(s2.params, s1.params, rtol=1e-4, atol=1e-6)
+    # on-policy: ratio exactly 1, nothing clipped, loss = -(token-weighted mean advantage)
+    assert float(m1["ratio/max"]) == 1.0 and float(m1["clip_fraction"]) == 0.0
+    mask = (batch["loss_mask"][:, 1:] * (batch["segment_ids"][:, 1:] > 0)).astype(np.float64)
+    adv = batch["advantages"].astype(np.float64)
+    np.testing.assert_allclose(float(m1["loss"]), -(adv[:, None] * mask).sum() / mask.sum(),
+                               rtol=1e-5)
+    assert float(m1["grad_norm"]) > 0
 
 
 @pytest.mark.skipif(importlib.util.find_spec("phi_reason.sharding.rules") is None,
@@ -225,7 +224,7 @@ def test_sharded_step_matches_single_device(sft_steps):
     from phi_reason.sharding.rules import param_shardings
     from phi_reason.train.loop import place_batch
 
-    mesh = make_mesh(data=2, fsdp=4)
+    mesh = make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])  # batch 4: 2-way
     tc = train_cfg(micro_batch_size=2)
     batch = rows(np.random.default_rng(7))
     want_state, want = sft_steps[2](fresh_state(tc), batch)

@@ -389,6 +389,18 @@ def _finish(trainer: Trainer, cfg: ModelConfig) -> None:
                     overwrite=True)
 
 
+def _user_errors() -> tuple:
+    """Errors caused by the run's inputs (config, data files): reported in one line, exit 2."""
+    from ..model.config import ConfigError
+    errors = [RunConfigError, ConfigError]
+    try:
+        from ..data.sources import DataError
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
 def _run(trainer_factory, resume: bool) -> int:
     try:
         trainer, cfg = trainer_factory()
@@ -396,6 +408,9 @@ def _run(trainer_factory, resume: bool) -> int:
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except _user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if trainer._stop_signal is None:
         _finish(trainer, cfg)
         print(f"done: {step} steps; checkpoints in {trainer.out / 'checkpoints'}, "
@@ -408,7 +423,11 @@ def run_sft(config: Optional[str], overrides: Sequence[str] = (), resume: bool =
     """`phi-reason sft CONFIG [k=v ...] [--resume]`. Returns the process exit code."""
     from .steps import make_sft_step
 
-    run = load_run_config(config, overrides)
+    try:
+        run = load_run_config(config, overrides)
+    except RunConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     def factory():
         mesh, cfg, params, it, total, train_cfg = _setup(run, "sft")
@@ -442,7 +461,11 @@ def run_dpo(config: Optional[str], overrides: Sequence[str] = (), resume: bool =
     """`phi-reason dpo CONFIG [k=v ...] [--resume]`: the init model is the reference."""
     from .steps import make_dpo_step, make_reference_logps_fn
 
-    run = load_run_config(config, overrides)
+    try:
+        run = load_run_config(config, overrides)
+    except RunConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     def factory():
         mesh, cfg, params, it, total, train_cfg = _setup(run, "dpo")
