@@ -83,13 +83,14 @@ def _config(tmp_path, name, *extra):
     return load_rl_config(None, [
         "rl.steps=16", "rl.prompts_per_step=8", "rl.group_size=8", "rl.max_new_tokens=16",
         "rl.pad_multiple=32", "train.batch_size=64", "train.lr=1e-3", "train.schedule=constant",
+        "train.steps=32", "rl.num_slots=64",  # one compilation shared by every run below
         "output.tensorboard=false", "output.progress=false", "output.save_every=100",
         "data.chat_format=plain", f"output.dir={tmp_path / name}", *extra])
 
 
 def _held_out_accuracy(task, params):
     return evaluate_policy(params, task["cfg"], task["tok"], task["held"], stop_ids(FMT, task["tok"]),
-                           task["pool"], max_new_tokens=16)["eval/accuracy"]
+                           task["pool"], max_new_tokens=16, num_slots=64)["eval/accuracy"]
 
 
 def _copy(params):
@@ -123,21 +124,19 @@ def test_rl_raises_held_out_accuracy(task, tmp_path):
 
 
 def test_dynamic_sampling_in_loop_keeps_only_informative_groups(task, tmp_path):
-    run = _config(tmp_path, "ds", "rl.dynamic_sampling=true", "rl.oversample=1.5",
-                  "rl.prompts_per_step=4", "rl.group_size=4", "train.batch_size=16", "rl.steps=1")
+    run = _config(tmp_path, "ds", "rl.dynamic_sampling=true", "rl.oversample=1.5")
     loop = RLLoop(run, task["cfg"], _copy(task["params"]), task["tok"], task["train"],
                   stop_ids(FMT, task["tok"]), task["pool"])
     kept, sampled = loop.collect(temperature=1.0)
-    assert 0 < len(kept) <= 4 and len(sampled) >= len(kept)
+    assert 0 < len(kept) <= 8 and len(sampled) >= len(kept)
     assert nonzero_variance_groups(np.stack([g.rewards for g in kept])).all()
     dropped = [g for g in sampled if all(g is not k for k in kept)]
     # Everything not kept was either uninformative or surplus beyond the batch.
-    assert len(kept) == 4 or all(np.ptp(g.rewards) == 0 for g in dropped)
+    assert len(kept) == 8 or all(np.ptp(g.rewards) == 0 for g in dropped)
 
 
 def test_rl_checkpoint_resume_matches_uninterrupted(task, tmp_path):
-    extra = ("rl.steps=4", "rl.prompts_per_step=4", "rl.group_size=4", "train.batch_size=8",
-             "rl.mu=2", "output.save_every=1", "rl.temperature.start=1.0",
+    extra = ("rl.steps=4", "rl.mu=2", "output.save_every=1", "rl.temperature.start=1.0",
              "rl.temperature.end=0.5", "rl.temperature.anneal_steps=4",
              "rl.prompt_filter=true", "rl.filter_all_wrong=false", "rl.max_sampling_rounds=2")
 

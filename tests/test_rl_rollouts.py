@@ -87,3 +87,19 @@ def test_rl_config_errors():
         load_rl_config(None, ["rl.old_logprobs=sampler", "rl.mu=2", "train.batch_size=64"])
     with pytest.raises(RunConfigError, match="unknown reward"):
         load_rl_config(None, ["rl.rewards=[{name: nope}]"])
+
+
+def test_fold_temperature_divides_logits():
+    import jax
+
+    from phi_reason.model.config import ModelConfig
+    from phi_reason.model.decoder import forward
+    from phi_reason.model.params import init_params
+    from phi_reason.train.rl import fold_temperature
+
+    cfg = ModelConfig.preset("tiny")
+    params = init_params(cfg, jax.random.key(1))
+    tokens = np.array([[3, 9, 27, 81, 243]], np.int32)
+    base = np.asarray(forward(params, tokens, cfg))
+    folded = np.asarray(forward(fold_temperature(params, 0.6), tokens, cfg))
+    np.testing.assert_allclose(folded, base / 0.6, rtol=1e-5, atol=1e-5)

@@ -47,6 +47,17 @@ from .state import TrainState
 from .steps import make_pg_step
 
 
+_COMPILED: dict = {}
+
+
+def _cached(key, build):
+    """Jitted functions shared by every RLLoop with the same model and train settings (a demo or a
+    test runs several loops; each fresh closure would otherwise compile again)."""
+    if key not in _COMPILED:
+        _COMPILED[key] = build()
+    return _COMPILED[key]
+
+
 def make_token_logprob_fn(cfg, mesh=None) -> Callable:
     """Jitted (params, batch) -> [B, T] log-prob of each token under params (aligned to tokens)."""
     def fn(params, batch):
@@ -54,6 +65,17 @@ def make_token_logprob_fn(cfg, mesh=None) -> Callable:
                          segment_ids=batch["segment_ids"])
         return token_logprobs(logits, batch["tokens"])
     return jax.jit(fn)
+
+
+def fold_temperature(params, temperature: float):
+    """Params whose logits are the originals divided by `temperature`: the final RMSNorm is linear
+    in its scale and the LM head is linear, so scaling `final_norm` by 1/T scales every logit by
+    1/T. Sampling these at temperature 1 is sampling the policy at T, and the sampler (whose
+    temperature is a compile-time constant) compiles once however the temperature is annealed.
+    The sampler's log-probs are then those of the tempered distribution."""
+    scale = jnp.asarray(1.0 / temperature, jnp.float32)
+    norm = params["final_norm"]
+    return dict(params, final_norm=(norm.astype(jnp.float32) * scale).astype(norm.dtype))
 
 
 def decode_completion(tokenizer, tokens, stop_ids) -> str:
@@ -116,8 +138,11 @@ class RLLoop:
                 jnp.copy, params)
         self.ref_params = ref
         self.state = TrainState.create(params, optimizer, seed=config.train.seed)
-        self.pg_step = make_pg_step(model_cfg, config.train, mesh)
-        self.logprob_fn = make_token_logprob_fn(model_cfg, mesh)
+        train_key = repr(dataclasses.asdict(config.train))
+        self.pg_step = _cached(("pg", model_cfg, train_key, mesh),
+                               lambda: make_pg_step(model_cfg, config.train, mesh))
+        self.logprob_fn = _cached(("logprob", model_cfg, mesh),
+                                  lambda: make_token_logprob_fn(model_cfg, mesh))
         self.step_index = 0
 
     # ------------------------------------------------------------------ rollouts
@@ -126,7 +151,10 @@ class RLLoop:
         from ..generate.sampler import generate
 
         rows = [p.ids for p in prompts for _ in range(group_size)]
-        return generate(self.state.params, self.model_cfg, rows,
+        params = self.state.params
+        if self.rl.fold_temperature and temperature not in (0.0, 1.0):
+            params, temperature = fold_temperature(params, temperature), 1.0
+        return generate(params, self.model_cfg, rows,
                         max_new_tokens=max_new_tokens or self.rl.max_new_tokens,
                         temperature=temperature, top_p=self.rl.top_p if temperature else 1.0,
                         top_k=self.rl.top_k if temperature else 0, stop_tokens=self.stop_ids,

@@ -46,6 +46,9 @@ class RLSection:
     temperature: TemperatureSection = dataclasses.field(default_factory=TemperatureSection)
     top_p: float = 1.0
     top_k: int = 0
+    # Sample at temperature T as params with final_norm / T at temperature 1 (exact; the sampler
+    # compiles its temperature in, so annealing would otherwise recompile it every step).
+    fold_temperature: bool = True
     num_slots: Optional[int] = None  # sampler's continuous-batching slots (None: all rows)
     rewards: List[RewardSection] = dataclasses.field(default_factory=lambda: [RewardSection()])
     advantage: str = "grpo"  # grpo | dr_grpo | rloo
