@@ -22,7 +22,8 @@ from phi_reason.model.config import ModelConfig
 from phi_reason.model.params import init_params
 from phi_reason.train.advantages import nonzero_variance_groups
 from phi_reason.train.optim import make_optimizer
-from phi_reason.train.rl import RLLoop, evaluate_policy, train_rl
+from phi_reason.train.rl import train_rl
+from phi_reason.train.rl_loop import RLLoop, evaluate_policy
 from phi_reason.train.rl_config import load_rl_config
 from phi_reason.train.rollouts import Prompt
 from phi_reason.train.state import TrainState

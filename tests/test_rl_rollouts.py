@@ -95,7 +95,7 @@ def test_fold_temperature_divides_logits():
     from phi_reason.model.config import ModelConfig
     from phi_reason.model.decoder import forward
     from phi_reason.model.params import init_params
-    from phi_reason.train.rl import fold_temperature
+    from phi_reason.train.rl_loop import fold_temperature
 
     cfg = ModelConfig.preset("tiny")
     params = init_params(cfg, jax.random.key(1))

@@ -97,7 +97,7 @@ def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=No
     from ..eval.pool import GraderPool
     from ..generate.sampler import generate
     from .loop import build_mesh, build_model
-    from .rl import decode_completion, submit_grading
+    from .rl_loop import decode_completion, submit_grading
 
     run.validate()
     r = run.rollout

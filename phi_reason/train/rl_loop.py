@@ -1,0 +1,326 @@
+"""The RL loop (one RL step at a time; `rl.py` drives a whole run): rollout -> grade -> reward -> advantage -> filter -> policy-gradient updates.
+
+One RL step (`RLLoop.step`):
+1. draw prompts from the resumable `PromptIterator`; sample `group_size` completions each with the
+   sampler on the live policy params at the scheduled temperature;
+2. submit the completions to the grader's worker pool and, while they are graded, compute the old
+   log-probs of every sampled row with one forward pass of the pre-update policy (and the
+   reference log-probs when `train.pg.beta > 0`);
+3. score each group (composite reward), drop groups per the filters (dynamic sampling: zero
+   reward variance; prompt filter: pass rate), and sample more prompts to refill when asked;
+4. group-relative advantages, then `rl.mu` passes of minibatch updates with the trainer's
+   `make_pg_step` (minibatches of `train.batch_size` rows; a short last minibatch is padded with
+   empty rows that carry no loss).
+
+Old log-probs (choice documented): by default they are recomputed by the trainer's forward pass,
+which is exact for any number of minibatches and epochs (after the first update the policy has
+moved, so the per-update on-policy shortcut would be wrong) and matches the training numerics
+(the sampler's KV-cache path differs by rounding). `rl.old_logprobs = sampler` takes the
+sampler's log-probs instead and is only allowed where old == current policy: mu = 1, one update
+per step and temperature 1.
+
+`extra_state()` / `load_extra_state()` hold what a checkpoint needs beyond the TrainState: the RL
+step, the prompt-iterator position and retired prompts (the temperature is a function of the step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..model.decoder import forward
+from .advantages import GroupBuffer, compute_advantages, nonzero_variance_groups, pass_rate_keep
+from .losses import token_logprobs
+from .rewards import make_reward_fn
+from .rl_config import RLRunConfig
+from .rl_prompts import PromptIterator
+from .rollouts import Group, Prompt, build_pg_batch, pad_length, score_groups, strip_stop
+from .state import TrainState
+from .steps import make_pg_step
+
+
+_COMPILED: dict = {}
+
+
+def _cached(key, build):
+    """Jitted functions shared by every RLLoop with the same model and train settings (a demo or a
+    test runs several loops; each fresh closure would otherwise compile again)."""
+    if key not in _COMPILED:
+        _COMPILED[key] = build()
+    return _COMPILED[key]
+
+
+def make_token_logprob_fn(cfg, mesh=None) -> Callable:
+    """Jitted (params, batch) -> [B, T] log-prob of each token under params (aligned to tokens)."""
+    def fn(params, batch):
+        logits = forward(params, batch["tokens"], cfg, positions=batch["positions"],
+                         segment_ids=batch["segment_ids"])
+        return token_logprobs(logits, batch["tokens"])
+    return jax.jit(fn)
+
+
+def fold_temperature(params, temperature: float):
+    """Params whose logits are the originals divided by `temperature`: the final RMSNorm is linear
+    in its scale and the LM head is linear, so scaling `final_norm` by 1/T scales every logit by
+    1/T. Sampling these at temperature 1 is sampling the policy at T, and the sampler (whose
+    temperature is a compile-time constant) compiles once however the temperature is annealed.
+    The sampler's log-probs are then those of the tempered distribution."""
+    scale = jnp.asarray(1.0 / temperature, jnp.float32)
+    norm = params["final_norm"]
+    return dict(params, final_norm=(norm.astype(jnp.float32) * scale).astype(norm.dtype))
+
+
+def decode_completion(tokenizer, tokens, stop_ids) -> str:
+    """Response text without its stop token. Ids beyond the tokenizer's vocabulary (the model's
+    embedding table is often padded past it) carry no text and are dropped."""
+    vocab = tokenizer.vocab_size
+    return tokenizer.decode([t for t in strip_stop(tokens, stop_ids) if 0 <= t < vocab])
+
+
+def submit_grading(grader, pairs, mode: str) -> Callable[[], list]:
+    """Queue (prediction, gold) pairs in the grader's worker pool now; the returned callable
+    waits for the verdicts (list of bool). The caller does device work in between."""
+    futures = [grader.submit(prediction, gold, mode) for prediction, gold in pairs]
+    return lambda: [f.result().correct for f in futures]
+
+
+def evaluate_policy(params, cfg, tokenizer, prompts: Sequence[Prompt], stop_ids, grader, *,
+                    max_new_tokens: int, samples: int = 1, temperature: float = 0.0,
+                    seed: int = 12345, mode: str = "eval", num_slots=None, mesh=None) -> dict:
+    """Accuracy of `samples` completions per prompt (greedy by default), graded in `mode`."""
+    from ..generate.sampler import generate
+
+    out = generate(params, cfg, [p.ids for p in prompts for _ in range(samples)],
+                   max_new_tokens=max_new_tokens, temperature=temperature,
+                   stop_tokens=tuple(stop_ids), seed=seed, num_slots=num_slots, mesh=mesh)
+    texts = [decode_completion(tokenizer, t, stop_ids) for t in out.tokens]
+    answers = [p.answer for p in prompts for _ in range(samples)]
+    correct = np.asarray(submit_grading(grader, list(zip(texts, answers)), mode)())
+    return {"eval/accuracy": float(correct.mean()),
+            "eval/truncated": float(np.mean([r == "length" for r in out.finish_reasons]))}
+
+
+def _rollout_seed(seed: int, step: int, round_: int) -> int:
+    return (seed * 1_000_003 + step * 1_009 + round_ * 7) % (2 ** 31 - 1)
+
+
+class RLLoop:
+    """Holds the policy TrainState, the frozen reference (when beta > 0), the prompt stream and the
+    jitted functions; `step(grader)` runs one RL step and returns its metrics."""
+
+    def __init__(self, config: RLRunConfig, model_cfg, params, tokenizer, prompts: Sequence[Prompt],
+                 stop_ids: Sequence[int], grader, mesh=None, optimizer_steps: Optional[int] = None):
+        from .optim import make_optimizer
+
+        config.validate()
+        self.config, self.rl, self.model_cfg = config, config.rl, model_cfg
+        self.tokenizer, self.stop_ids, self.mesh = tokenizer, tuple(stop_ids), mesh
+        self.grader = grader  # a GraderPool (or anything with .submit(prediction, gold, mode))
+        self.reward_fn = make_reward_fn(config.reward_specs())
+        self.temperature = self.rl.temperature.build()
+        self.prompts = PromptIterator(prompts, seed=self.rl.seed)
+        if config.train.steps is None:
+            config.train.steps = optimizer_steps or self.rl.steps * config.updates_per_step()
+        optimizer, _ = make_optimizer(config.train, model_cfg)
+        beta = config.train.pg.beta
+        ref = None
+        if beta > 0:
+            # Held once; on host when asked, moved to the device only for the reference pass.
+            ref = jax.device_get(params) if self.rl.reference_on_host else jax.tree_util.tree_map(
+                jnp.copy, params)
+        self.ref_params = ref
+        self.state = TrainState.create(params, optimizer, seed=config.train.seed)
+        train_key = repr(dataclasses.asdict(config.train))
+        self.pg_step = _cached(("pg", model_cfg, train_key, mesh),
+                               lambda: make_pg_step(model_cfg, config.train, mesh))
+        self.logprob_fn = _cached(("logprob", model_cfg, mesh),
+                                  lambda: make_token_logprob_fn(model_cfg, mesh))
+        self.step_index = 0
+
+    # ------------------------------------------------------------------ rollouts
+    def sample(self, prompts: Sequence[Prompt], temperature: float, seed: int, group_size: int,
+               max_new_tokens: Optional[int] = None):
+        from ..generate.sampler import generate
+
+        rows = [p.ids for p in prompts for _ in range(group_size)]
+        params = self.state.params
+        if self.rl.fold_temperature and temperature not in (0.0, 1.0):
+            params, temperature = fold_temperature(params, temperature), 1.0
+        return generate(params, self.model_cfg, rows,
+                        max_new_tokens=max_new_tokens or self.rl.max_new_tokens,
+                        temperature=temperature, top_p=self.rl.top_p if temperature else 1.0,
+                        top_k=self.rl.top_k if temperature else 0, stop_tokens=self.stop_ids,
+                        seed=seed, num_slots=self.rl.num_slots, mesh=self.mesh)
+
+    def decode(self, tokens) -> list:
+        return [decode_completion(self.tokenizer, t, self.stop_ids) for t in tokens]
+
+    def row_logprobs(self, params, prompt_rows, completions) -> list:
+        """Per-row completion log-probs under params, in minibatches of train.batch_size rows
+        (padded to a multiple of rl.pad_multiple, so shapes repeat across steps)."""
+        bs = self.config.train.batch_size
+        out = []
+        for start in range(0, len(completions), bs):
+            p, c = prompt_rows[start:start + bs], completions[start:start + bs]
+            n_real = len(c)
+            p, c = list(p) + [[0]] * (bs - n_real), list(c) + [[]] * (bs - n_real)
+            length = pad_length(max(len(a) + len(b) for a, b in zip(p, c)), self.rl.pad_multiple)
+            batch = build_pg_batch(p, c, np.zeros(bs), length)
+            lp = np.asarray(self.logprob_fn(params, {k: batch[k] for k in
+                                                     ("tokens", "positions", "segment_ids")}))
+            out.extend(lp[i, len(p[i]):len(p[i]) + len(c[i])].tolist() for i in range(n_real))
+        return out
+
+    def rollout_round(self, prompts: Sequence[Prompt], temperature: float, seed: int) -> list:
+        """Sample, grade (in the pool, overlapped with the log-prob passes) and score one round."""
+        g = self.rl.group_size
+        out = self.sample(prompts, temperature, seed, g)
+        texts = self.decode(out.tokens)
+        answers = [p.answer for p in prompts for _ in range(g)]
+        pending = submit_grading(self.grader, list(zip(texts, answers)), "reward")
+        prompt_rows = [p.ids for p in prompts for _ in range(g)]
+        old = (out.logprobs if self.rl.old_logprobs == "sampler"
+               else self.row_logprobs(self.state.params, prompt_rows, out.tokens))
+        ref = None
+        if self.ref_params is not None:
+            ref = self.row_logprobs(self.ref_params, prompt_rows, out.tokens)
+        correct = pending()
+        groups = score_groups(prompts, out.tokens, out.logprobs, out.finish_reasons, texts, correct,
+                              g, self.reward_fn)
+        for i, grp in enumerate(groups):
+            grp.old_logprobs = old[i * g:(i + 1) * g]
+            grp.ref_logprobs = None if ref is None else ref[i * g:(i + 1) * g]
+        return groups
+
+    def keep_mask(self, groups: Sequence[Group]) -> np.ndarray:
+        keep = np.ones(len(groups), bool)
+        if self.rl.dynamic_sampling:
+            keep &= nonzero_variance_groups(np.stack([grp.rewards for grp in groups]))
+        if self.rl.prompt_filter:
+            correct = np.stack([grp.correct for grp in groups])
+            keep &= pass_rate_keep(correct, self.rl.min_pass_rate, self.rl.max_pass_rate,
+                                   keep_all_wrong=not self.rl.filter_all_wrong)
+            # Mastered prompts (every completion correct) are not drawn again.
+            self.prompts.retire(grp.prompt.uid for grp in groups if grp.correct.all())
+        return keep
+
+    def collect(self, temperature: float) -> tuple:
+        """Groups for one step: with filters, keep sampling (oversampled) until the batch is full
+        or rl.max_sampling_rounds is reached. Returns (kept groups, all sampled groups)."""
+        rl = self.rl
+        buffer = GroupBuffer(rl.prompts_per_step)
+        sampled: list = []
+        filtering = rl.dynamic_sampling or rl.prompt_filter
+        for round_ in range(rl.max_sampling_rounds if filtering else 1):
+            want = buffer.missing if round_ == 0 and not filtering else math.ceil(
+                rl.oversample * buffer.missing)
+            groups = self.rollout_round(self.prompts.take(want), temperature,
+                                        _rollout_seed(rl.seed, self.step_index, round_))
+            sampled.extend(groups)
+            buffer.add(groups, self.keep_mask(groups) if filtering else np.ones(len(groups), bool))
+            if buffer.full:
+                break
+        return buffer.groups, sampled
+
+    # ------------------------------------------------------------------ updates
+    def minibatches(self, groups: Sequence[Group], rng: np.random.Generator) -> list:
+        """Shuffled minibatches of train.batch_size rows (short last one padded with empty rows)."""
+        rows = [(grp.prompt.ids, grp.tokens[j], float(grp.advantages[j]), grp.old_logprobs[j],
+                 None if grp.ref_logprobs is None else grp.ref_logprobs[j])
+                for grp in groups for j in range(len(grp.tokens))]
+        order = rng.permutation(len(rows))
+        bs = self.config.train.batch_size
+        batches = []
+        for start in range(0, len(rows), bs):
+            chunk = [rows[i] for i in order[start:start + bs]]
+            n_pad = bs - len(chunk)
+            prompts = [r[0] for r in chunk] + [[0]] * n_pad
+            comps = [r[1] for r in chunk] + [[]] * n_pad
+            length = pad_length(max(len(a) + len(b) for a, b in zip(prompts, comps)),
+                                self.rl.pad_multiple)
+            batch = build_pg_batch(prompts, comps, [r[2] for r in chunk] + [0.0] * n_pad, length,
+                                   old_logprobs=[r[3] for r in chunk] + [[]] * n_pad)
+            batch["segment_ids"][len(chunk):] = 0  # padding rows: no tokens, no loss
+            if self.ref_params is not None:
+                ref = build_pg_batch(prompts, comps, np.zeros(bs), length,
+                                     old_logprobs=[r[4] for r in chunk] + [[]] * n_pad)
+                batch["ref_logprobs"] = ref["old_logprobs"]
+            batches.append(batch)
+        return batches
+
+    def update(self, groups: Sequence[Group]) -> dict:
+        rng = np.random.default_rng([self.rl.seed, self.step_index, 17])
+        totals: dict = {}
+        n = 0
+        for _ in range(self.rl.mu):
+            for batch in self.minibatches(groups, rng):
+                self.state, m = self.pg_step(self.state, batch)
+                m = jax.device_get(m)
+                if not float(m["finite"]) and self.config.train.on_nonfinite == "stop":
+                    raise FloatingPointError(f"RL step {self.step_index}: non-finite loss or "
+                                             f"gradient at optimizer step {int(self.state.step)}")
+                for k, v in m.items():
+                    totals[k] = totals.get(k, 0.0) + float(np.asarray(v))
+                n += 1
+        return {f"train/{k}": v / max(n, 1) for k, v in totals.items()} | {"train/updates": n}
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> dict:
+        temperature = self.temperature(self.step_index)
+        t0 = time.perf_counter()
+        kept, sampled = self.collect(temperature)
+        t1 = time.perf_counter()
+        metrics = rollout_metrics(sampled, kept)
+        if kept:
+            adv = compute_advantages(self.rl.advantage, np.stack([g.rewards for g in kept]),
+                                     scale_rewards=self.rl.scale_rewards, eps=self.rl.advantage_eps)
+            for grp, a in zip(kept, adv):
+                grp.advantages = a
+            metrics.update(self.update(kept))
+        metrics.update({"rl/step": self.step_index, "rl/temperature": temperature,
+                        "time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})
+        self.step_index += 1
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, prompts: Sequence[Prompt], samples: int = 1, temperature: float = 0.0,
+                 seed: int = 12345) -> dict:
+        """Held-out accuracy of the current policy (greedy by default)."""
+        return evaluate_policy(self.state.params, self.model_cfg, self.tokenizer, prompts,
+                               self.stop_ids, self.grader, max_new_tokens=self.rl.max_new_tokens,
+                               samples=samples, temperature=temperature, seed=seed,
+                               num_slots=self.rl.num_slots, mesh=self.mesh)
+
+    # ------------------------------------------------------------------ resume
+    def extra_state(self) -> dict:
+        return {"rl_step": self.step_index, "prompts": self.prompts.get_state(),
+                "temperature": self.temperature(self.step_index)}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.step_index = int(extra["rl_step"])
+        self.prompts.set_state(extra["prompts"])
+
+
+def rollout_metrics(sampled: Sequence[Group], kept: Sequence[Group]) -> dict:
+    """Reward / accuracy / length statistics over everything sampled this step."""
+    rewards = np.concatenate([g.rewards for g in sampled])
+    correct = np.concatenate([g.correct for g in sampled])
+    lengths = np.concatenate([g.lengths for g in sampled]).astype(np.float64)
+    finished = np.concatenate([g.finished for g in sampled])
+    nan = float("nan")
+    return {
+        "rollout/reward_mean": float(rewards.mean()),
+        "rollout/reward_std": float(rewards.std()),
+        "rollout/accuracy": float(correct.mean()),
+        "rollout/length_mean": float(lengths.mean()),
+        "rollout/length_correct": float(lengths[correct].mean()) if correct.any() else nan,
+        "rollout/length_incorrect": float(lengths[~correct].mean()) if (~correct).any() else nan,
+        "rollout/truncation_rate": float(1.0 - finished.mean()),
+        "rollout/groups_sampled": len(sampled),
+        "rollout/groups_kept": len(kept),
+    }
