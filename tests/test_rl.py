@@ -200,3 +200,18 @@ def test_rollout_dpo_pairs_are_correct_vs_incorrect(task, tmp_path):
     assert len(load_records(str(out), "dpo")) == len(lines)
     with pytest.raises(Exception, match="already exists"):
         rollout_dpo(run, model=(task["cfg"], task["params"]), tokenizer=task["tok"], prompts=prompts)
+
+
+def test_kl_to_frozen_reference_when_beta_positive(task, tmp_path):
+    run = _config(tmp_path, "kl", "train.pg.beta=0.05", "rl.mu=2", "rl.steps=1")
+    loop = RLLoop(run, task["cfg"], _copy(task["params"]), task["tok"], task["train"],
+                  stop_ids(FMT, task["tok"]), task["pool"])
+    metrics = loop.step()
+    # Two passes over the rollouts: the first starts at the reference (KL exactly 0), the second
+    # has moved away from it, so the mean KL over the updates is positive but small.
+    assert 0.0 < metrics["train/kl"] < 0.1
+    moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
+        jax.tree_util.tree_leaves(loop.state.params), jax.tree_util.tree_leaves(task["params"]))]
+    assert max(moved) > 0
+    for a, b in zip(jax.tree_util.tree_leaves(loop.ref_params), jax.tree_util.tree_leaves(task["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -141,6 +141,9 @@ class RLLoop:
         self.logprob_fn = _cached(("logprob", model_cfg, mesh),
                                   lambda: make_token_logprob_fn(model_cfg, mesh))
         self.step_index = 0
+        # One slot count for every sampling call (rounds of different sizes, evaluation), so the
+        # sampler compiles once.
+        self.num_slots = self.rl.num_slots or min(64, config.rows_per_step())
 
     # ------------------------------------------------------------------ rollouts
     def sample(self, prompts: Sequence[Prompt], temperature: float, seed: int, group_size: int,
@@ -155,7 +158,7 @@ class RLLoop:
                         max_new_tokens=max_new_tokens or self.rl.max_new_tokens,
                         temperature=temperature, top_p=self.rl.top_p if temperature else 1.0,
                         top_k=self.rl.top_k if temperature else 0, stop_tokens=self.stop_ids,
-                        seed=seed, num_slots=self.rl.num_slots, mesh=self.mesh)
+                        seed=seed, num_slots=self.num_slots, mesh=self.mesh)
 
     def decode(self, tokens) -> list:
         return [decode_completion(self.tokenizer, t, self.stop_ids) for t in tokens]
@@ -282,7 +285,7 @@ class RLLoop:
             for grp, a in zip(kept, adv):
                 grp.advantages = a
             metrics.update(self.update(kept))
-        metrics.update({"rl/step": self.step_index, "rl/temperature": temperature,
+        metrics.update({"rl/temperature": temperature,
                         "time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})
         self.step_index += 1
         return metrics
@@ -294,7 +297,7 @@ class RLLoop:
         return evaluate_policy(self.state.params, self.model_cfg, self.tokenizer, prompts,
                                self.stop_ids, self.grader, max_new_tokens=self.rl.max_new_tokens,
                                samples=samples, temperature=temperature, seed=seed,
-                               num_slots=self.rl.num_slots, mesh=self.mesh)
+                               num_slots=self.num_slots, mesh=self.mesh)
 
     # ------------------------------------------------------------------ resume
     def extra_state(self) -> dict:
