@@ -15,9 +15,11 @@ from jax.sharding import PartitionSpec as P
 
 from phi_reason.model.config import ModelConfig
 from phi_reason.model.decoder import forward
-from phi_reason.model.params import flatten_params, init_params
-from phi_reason.sharding.init import (opt_state_shardings, shard_step, sharded_init,
+from phi_reason.model.params import (abstract_params, flatten_params, init_params,
+                                     unflatten_params)
+from phi_reason.sharding.init import (opt_state_shardings, shard_step, sharded_init_fn,
                                       sharded_opt_init)
+from phi_reason.sharding import rules
 from phi_reason.sharding.mesh import MeshError, make_mesh
 from phi_reason.sharding.rules import (activation_constraint, batch_sharding, check_batch_size,
                                        param_partition_specs, param_shardings, replicated,
@@ -96,11 +98,21 @@ def make_batch(seed=0):
     return {"tokens": tokens, "positions": pos, "segment_ids": seg, "loss_mask": loss_mask}
 
 
+def random_params(cfg, seed=0):
+    """Parameters from numpy: norms near 1, matrices ~ N(0, 0.05). (init_params itself is
+    compiled only once, in the sharded-init test: its XLA compile is slow on CPU.)"""
+    rng = np.random.default_rng(seed)
+    flat = {path: (float(path[-1] in ("ln1", "ln2", "final_norm"))
+                   + 0.05 * rng.standard_normal(a.shape)).astype(np.float32)
+            for path, a in flatten_params(abstract_params(cfg)).items()}
+    return unflatten_params(flat)
+
+
 @pytest.fixture(scope="module")
 def reference():
     """One step on a single device, no shardings at all."""
     dev = jax.devices()[0]
-    params = jax.device_put(init_params(CFG, jax.random.key(0)), dev)
+    params = jax.device_put(random_params(CFG), dev)
     state = (params, OPT.init(params))
     batch = jax.device_put(make_batch(), dev)
     (new_params, _), metrics = jax.jit(make_step())(state, batch)
@@ -125,9 +137,7 @@ def test_sharded_step_matches_single_device(mesh_shape, reference):
     mesh = make_mesh(*mesh_shape)
     assert dict(mesh.shape) == dict(zip(("data", "fsdp", "tensor"), mesh_shape))
     p_shard = param_shardings(CFG, mesh)
-    params = sharded_init(CFG, jax.random.key(0), mesh)
-    # sharded init produces the same numbers as the unsharded init, already in place
-    assert_tree_close(jax.device_get(params), ref_params, "init")
+    params = jax.device_put(ref_params, p_shard)
     opt_state = sharded_opt_init(OPT, params, p_shard, mesh)
     state_shardings = (p_shard, opt_state_shardings(OPT, params, p_shard, mesh))
     step = shard_step(make_step(activation_constraint(mesh)), mesh, state_shardings,
@@ -151,19 +161,34 @@ def test_sharded_step_matches_single_device(mesh_shape, reference):
         assert x.sharding.spec == expected_spec(path, mesh_shape), ("mu",) + path
 
 
-def test_per_device_param_bytes_are_one_eighth_on_fsdp8():
+def test_sharded_init_is_born_sharded_and_equals_init_params():
     mesh = make_mesh(1, 8, 1)
-    params = sharded_init(CFG, jax.random.key(1), mesh)
+    compiled = sharded_init_fn(CFG, mesh).lower(jax.random.key(1)).compile()
+    params = compiled(jax.random.key(1))
     leaves = jax.tree_util.tree_leaves(params)
     total = sum(x.nbytes for x in leaves)
+    # per-device parameter bytes are exactly 1/8 of the total on (data, fsdp, tensor) = (1, 8, 1)
     for dev in jax.devices():
         local = sum(s.data.nbytes for x in leaves for s in x.addressable_shards
                     if s.device == dev)
         assert local * 8 == total, (dev, local, total)
+    # never materialised whole: XLA's per-device program outputs 1/8 of the bytes (plus one
+    # 8-byte buffer pointer per output) and its scratch is smaller than the largest parameter
+    mem = compiled.memory_analysis()
+    assert total // 8 <= mem.output_size_in_bytes <= total // 8 + 8 * len(leaves)
+    assert mem.temp_size_in_bytes < max(x.nbytes for x in leaves), mem.temp_size_in_bytes
+    for x, spec in zip(leaves, jax.tree_util.tree_leaves(
+            param_partition_specs(CFG, mesh), is_leaf=lambda s: isinstance(s, P))):
+        assert x.sharding.spec == spec
+    # and the values are init_params' values (same key, no sharding)
+    assert_tree_close(jax.device_get(params),
+                      jax.device_get(jax.jit(lambda k: init_params(CFG, k))(jax.random.key(1))),
+                      "sharded init")
 
 
-def test_gqa_kv_heads_replicated_when_tensor_axis_larger(caplog):
+def test_gqa_kv_heads_replicated_when_tensor_axis_larger(caplog, monkeypatch):
     cfg = CFG.replace(num_key_value_heads=2)
+    monkeypatch.setattr(rules, "_warned", set())  # the warning is logged once per layout
     with caplog.at_level(logging.WARNING, logger="phi_reason.sharding.rules"):
         specs = flatten_params(param_partition_specs(cfg, {"data": 1, "fsdp": 2, "tensor": 4}))
     assert specs[("layers", "wk")] == P(None, "fsdp", None, None)
@@ -173,12 +198,12 @@ def test_gqa_kv_heads_replicated_when_tensor_axis_larger(caplog):
                for r in caplog.records)
     # and the forward pass is still exact with that layout
     mesh = make_mesh(1, 2, 4)
-    params = sharded_init(cfg, jax.random.key(2), mesh)
+    params = jax.device_put(random_params(cfg, 2), param_shardings(cfg, mesh))
     assert params["layers"]["wk"].sharding.spec == P(None, "fsdp", None, None)
     batch = make_batch(1)
     sharded = jax.jit(lambda p, t: forward(p, t, cfg, constrain=activation_constraint(mesh)))(
         params, jax.device_put(batch["tokens"], batch_sharding(mesh)))
-    single = forward(jax.device_get(params), batch["tokens"], cfg)
+    single = jax.jit(lambda p, t: forward(p, t, cfg))(jax.device_get(params), batch["tokens"])
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-6)
 
 

@@ -16,11 +16,15 @@ from ..model.params import init_params
 from .rules import param_shardings, replicated
 
 
+def sharded_init_fn(cfg: ModelConfig, mesh: Mesh, rules=None, dtype=None):
+    """The jitted `key -> params` that `sharded_init` runs (each device computes its shards)."""
+    shardings = param_shardings(cfg, mesh, rules)
+    return jax.jit(lambda k: init_params(cfg, k, dtype), out_shardings=shardings)
+
+
 def sharded_init(cfg: ModelConfig, key: jax.Array, mesh: Mesh, rules=None, dtype=None) -> dict:
     """`init_params(cfg, key, dtype)` created directly in its NamedShardings on `mesh`."""
-    shardings = param_shardings(cfg, mesh, rules)
-    init = jax.jit(lambda k: init_params(cfg, k, dtype), out_shardings=shardings)
-    return init(key)
+    return sharded_init_fn(cfg, mesh, rules, dtype)(key)
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, params_abstract,

@@ -99,11 +99,12 @@ def spec_for(axes: Sequence[str], shape: Sequence[int], mesh, rules=None,
         if mesh_axes and dim % factor:
             joined = " x ".join(f"{a}={sizes[a]}" for a in mesh_axes)
             if logical in REPLICATE_IF_INDIVISIBLE:
-                key = (name, logical, joined)
-                if key not in _warned:
+                key = (logical, dim, joined)
+                if key not in _warned:  # once per layout, not once per tensor
                     _warned.add(key)
-                    log.warning("%s: %s=%d is not divisible by mesh %s; replicating it along %s "
-                                "(GQA policy)", name, logical, dim, joined, mesh_axes)
+                    log.warning("%s=%d is not divisible by mesh %s (first seen in %s); replicating "
+                                "%s along %s (GQA policy)", logical, dim, joined, name, logical,
+                                mesh_axes)
                 mesh_axes = ()
             else:
                 raise MeshError(f"{name}: logical axis {logical!r} of size {dim} is sharded over "

@@ -1,0 +1,362 @@
+"""Per-device memory planner for training (and rollout KV caches) on a device mesh.
+
+Every number is per device and derives from the same declarations the program uses:
+- params / grads / optimizer: `param_specs(cfg)` shapes, divided by the shard counts of the
+  PartitionSpecs that `rules.spec_for` gives them (so the GQA replication policy is counted).
+  Grads are in the parameter dtype; AdamW keeps two moments (mu, nu) in `optimizer_dtype`; there
+  is no float32 master copy (params are updated in `param_dtype`).
+- activations: what JAX's autodiff keeps for the backward pass, measured by tracing (abstractly,
+  nothing allocated) one decoder layer at the per-device shapes and listing its saved residuals
+  (`saved_residuals`). With layers scanned, the forward scan stacks each layer's saved values, so
+      saved   = L x residuals(layer under the remat policy)   (remat 'full': just the layer input)
+      rework  = residuals(plain layer) - residuals(policy)    (one layer re-run in the backward;
+                                                               0 for remat none)
+      activations = saved + rework + 2 x [B, T, H] cotangents (incoming and outgoing gradient)
+  Flash-style kernels (the GPU / TPU attention paths) keep no T x T tensor: for them the T x T
+  residuals of the reference path are dropped and a float32 logsumexp per query and head is added.
+- logits: residuals of a standard shifted cross-entropy head (final norm, LM head, log-softmax,
+  gather) plus one float32 [B, T, V] cotangent. There is no chunked loss: the whole
+  [B_local, T, V_local] float32 logits tensor exists at once.
+- KV cache (rollouts): rollout_batch x seq x layers x 2 (K and V) x nKV x head_dim in the compute
+  dtype; rows are split over the batch mesh axes and KV heads over their rule's axis.
+Peak = params + optimizer + max(grads + activations + logits, kv_cache): the rollout cache and
+the training step's transients are not alive at the same time.
+
+Calibration: on CPU, XLA's `compiled.memory_analysis().temp_size_in_bytes` of a value-and-grad of
+the CE loss (inputs and output gradients excluded) is compared with activations + logits in
+tests/test_plan.py. The sum of the backward's two phases (logits, then layers) over-estimates a
+little, on purpose: the planner should err on the side of "does not fit".
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json as jsonlib
+import math
+from typing import Dict, List, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src.ad_checkpoint import saved_residuals  # no public equivalent that returns values
+
+from ..model import decoder
+from ..model.config import REMAT_POLICIES, ModelConfig
+from ..model.params import param_specs
+from ..model.rope import rope_tables
+from .mesh import MESH_AXES, MeshError, parse_mesh, resolve_axis_sizes
+from .rules import merge_rules, spec_for
+
+GiB = 2 ** 30
+# Device memory in bytes (as the runtime reports it) and the attention path each one runs.
+ACCELERATORS = {
+    "h100": (81559 * 2 ** 20, "flash"),  # H100 80GB SXM/PCIe: nvidia-smi total
+    "h200": (143771 * 2 ** 20, "flash"),  # H200 141GB
+    "v5e": (16 * GiB, "flash"),
+    "v5p": (95 * GiB, "flash"),
+    "v6e": (32 * GiB, "flash"),
+}
+_ALIASES = {"tpu-v5e": "v5e", "v5litepod": "v5e", "tpu-v5p": "v5p", "tpu-v6e": "v6e",
+            "trillium": "v6e", "h100-80gb": "h100", "h200-141gb": "h200"}
+# Fraction of device memory a plan may use: the rest is left for XLA workspace (collectives,
+# convolution/matmul scratch), fragmentation and the runtime. On GPUs also set
+# XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (JAX reserves only 75% by default).
+USABLE_FRACTION = 0.9
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    model: str
+    mesh: Dict[str, int]
+    batch: int
+    seq: int
+    local_batch: int
+    local_seq: int
+    remat: str
+    attention: str
+    param_dtype: str
+    compute_dtype: str
+    optimizer_dtype: str
+    rollout_batch: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    saved_activations_bytes: int
+    logits_bytes: int
+    kv_cache_bytes: int
+    train_peak_bytes: int
+    total_bytes: int
+    accelerator: Optional[str] = None
+    capacity_bytes: Optional[int] = None
+    usable_bytes: Optional[int] = None
+    fits: Optional[bool] = None
+    notes: List[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _accelerator(name: Optional[str]):
+    if name is None:
+        return None, None, "reference"
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key not in ACCELERATORS:
+        raise MeshError(f"unknown accelerator {name!r}; known: {sorted(ACCELERATORS)}")
+    capacity, attention = ACCELERATORS[key]
+    return key, capacity, attention
+
+
+def _local(dim: int, spec_entry, sizes) -> int:
+    axes = () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) \
+        else spec_entry
+    return dim // int(np.prod([sizes[a] for a in axes])) if axes else dim
+
+
+def _local_shape(axes, shape, sizes, rules, name):
+    spec = spec_for(axes, shape, sizes, rules, name=name)
+    return tuple(_local(d, s, sizes) for d, s in zip(shape, tuple(spec) + (None,) * len(shape)))
+
+
+def _param_elems(cfg: ModelConfig, sizes, rules) -> int:
+    return sum(int(np.prod(_local_shape(s.axes, s.shape, sizes, rules, "/".join(p))))
+               for p, s in param_specs(cfg).items())
+
+
+def _residual_bytes(fn, *args, square: Optional[int] = None):
+    """Bytes of the values JAX saves for fn's backward. Not counted: literals and constants
+    (loop-invariant: hoisted out of the layer scan) and arguments other than the layer input `x`
+    (weights are parameters; segment ids are shared by all layers). With `square`, T x T
+    residuals are counted separately (returned second)."""
+    total, square_bytes = 0, 0
+    for aval, desc in saved_residuals(fn, *args):
+        if desc.startswith(("from a literal", "from a constant")) or (
+                desc.startswith("from the argument") and desc != "from the argument x"):
+            continue
+        nbytes = int(np.prod(aval.shape)) * aval.dtype.itemsize
+        if square is not None and aval.ndim >= 2 and aval.shape[-2:] == (square, square):
+            square_bytes += nbytes
+            continue
+        total += nbytes
+    return total, square_bytes
+
+
+def _local_cfg(cfg, sizes, rules, compute_dtype, param_dtype):
+    """The per-device slice of the model as one device's layer code sees it."""
+    heads = _local_shape(("heads",), (cfg.num_attention_heads,), sizes, rules, "heads")[0]
+    kv = _local_shape(("kv_heads",), (cfg.num_key_value_heads,), sizes, rules, "kv_heads")[0]
+    mlp = _local_shape(("mlp",), (cfg.intermediate_size,), sizes, rules, "mlp")[0]
+    vocab = _local_shape(("vocab",), (cfg.vocab_size,), sizes, rules, "vocab")[0]
+    if heads % kv:  # replicated KV heads serve only the local query heads' groups
+        kv = math.gcd(heads, kv)
+    return cfg.replace(num_attention_heads=heads, num_key_value_heads=kv, intermediate_size=mlp,
+                       vocab_size=vocab, head_dim=cfg.head_dim, dtype=compute_dtype,
+                       param_dtype=param_dtype, tie_word_embeddings=False)
+
+
+@functools.lru_cache(maxsize=256)  # meshes in `suggest_mesh` often share per-device shapes
+def activation_estimate(cfg: ModelConfig, local_batch: int, local_seq: int, remat: str,
+                        attention: str = "reference"):
+    """(activations_bytes, saved_bytes, logits_bytes) for one device's [local_batch, local_seq]
+    slice of a train step; `cfg` is already the per-device slice (see `_local_cfg`).
+    attention: 'reference' (T x T scores kept) or 'flash' (kernels keeping a logsumexp)."""
+    B, T, H = local_batch, local_seq, cfg.hidden_size
+    cdt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    lp = {path[-1]: jax.ShapeDtypeStruct(s.shape[1:], pdt)
+          for path, s in param_specs(cfg).items() if s.stacked}
+    x = jax.ShapeDtypeStruct((B, T, H), cdt)
+    seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+    def layer(lp, x, seg):
+        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = rope_tables(cfg, pos, use_long=False)
+        return decoder.decoder_layer(lp, x, cfg, cos, sin, seg, impl="reference")
+
+    plain, plain_sq = _residual_bytes(layer, lp, x, seg, square=T)
+    if remat == "none":
+        saved, saved_sq = plain, plain_sq
+    else:
+        policy = decoder._REMAT[remat]
+        saved, saved_sq = _residual_bytes(jax.checkpoint(layer, policy=policy), lp, x, seg,
+                                          square=T)
+    lse = B * cfg.num_attention_heads * T * 4
+    if attention == "flash":
+        plain_sq, saved_sq = lse, (lse if saved_sq else 0)
+    saved_total = cfg.num_hidden_layers * (saved + saved_sq)
+    # The backward of a rematerialised layer needs its plain residuals again; those the policy
+    # saved are read from the stack, the rest are recomputed and live for that one layer.
+    rework = 0 if remat == "none" else max(plain + plain_sq - saved - saved_sq, 0)
+    activations = saved_total + rework + 2 * B * T * H * cdt.itemsize
+
+    def head(h, norm, w, tokens):
+        logits = decoder.logits_from_hidden({"final_norm": norm, "lm_head": w}, h, cfg)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+
+    head_saved, _ = _residual_bytes(
+        head, jax.ShapeDtypeStruct((B, T, H), cdt), jax.ShapeDtypeStruct((H,), pdt),
+        jax.ShapeDtypeStruct((H, cfg.vocab_size), pdt), seg)
+    logits = head_saved + B * T * cfg.vocab_size * 4
+    return activations, saved_total, logits
+
+
+def plan_memory(cfg: ModelConfig, mesh: Dict[str, int], batch: int, seq: int,
+                remat: str = "full", accelerator: Optional[str] = "h100",
+                param_dtype: str = "float32", compute_dtype: str = "bfloat16",
+                optimizer_dtype: str = "float32", rollout_batch: int = 0, rules=None,
+                attention: Optional[str] = None, model_name: str = "") -> MemoryPlan:
+    """Per-device memory of one train step (and optional rollout KV cache) on `mesh` sizes."""
+    if remat not in REMAT_POLICIES:
+        raise MeshError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
+    rules = merge_rules(rules)
+    sizes = {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+    for a, s in sizes.items():
+        if s < 1:
+            raise MeshError(f"mesh axis {a!r}: size must be >= 1 for a plan, got {s}")
+    acc, capacity, acc_attention = _accelerator(accelerator)
+    attention = attention or acc_attention
+    notes: List[str] = []
+
+    p_bytes, o_bytes = jnp.dtype(param_dtype).itemsize, jnp.dtype(optimizer_dtype).itemsize
+    elems = _param_elems(cfg, sizes, rules)
+    params_bytes = elems * p_bytes
+    grads_bytes = elems * p_bytes
+    optimizer_bytes = 2 * elems * o_bytes
+
+    b_local, t_local, _ = _local_shape(("batch", "seq", "embed"), (batch, seq, cfg.hidden_size),
+                                       sizes, rules, "activation")
+    local = _local_cfg(cfg, sizes, rules, compute_dtype, param_dtype)
+    activations, saved, logits = activation_estimate(local, b_local, t_local, remat, attention)
+    if t_local != seq:
+        notes.append("sequence sharded at layer boundaries: attention still sees the full "
+                     "sequence (K/V all-gathered); estimate uses the local length")
+
+    kv_cache = 0
+    if rollout_batch:
+        rows = _local_shape(("batch",), (rollout_batch,), sizes, rules, "rollout_batch")[0]
+        kv = _local_shape(("kv_heads",), (cfg.num_key_value_heads,), sizes, rules, "kv_heads")[0]
+        kv_cache = (rows * seq * cfg.num_hidden_layers * 2 * kv * cfg.head_dim
+                    * jnp.dtype(compute_dtype).itemsize)
+
+    train_peak = params_bytes + optimizer_bytes + grads_bytes + activations + logits
+    total = max(train_peak, params_bytes + optimizer_bytes + kv_cache)
+    usable = int(capacity * USABLE_FRACTION) if capacity else None
+    fits = None if usable is None else total <= usable
+    return MemoryPlan(
+        model=model_name, mesh=sizes, batch=batch, seq=seq, local_batch=b_local,
+        local_seq=t_local, remat=remat, attention=attention, param_dtype=param_dtype,
+        compute_dtype=compute_dtype, optimizer_dtype=optimizer_dtype,
+        rollout_batch=rollout_batch, params_bytes=params_bytes, grads_bytes=grads_bytes,
+        optimizer_bytes=optimizer_bytes, activations_bytes=activations,
+        saved_activations_bytes=saved, logits_bytes=logits, kv_cache_bytes=kv_cache,
+        train_peak_bytes=train_peak, total_bytes=total, accelerator=acc,
+        capacity_bytes=capacity, usable_bytes=usable, fits=fits, notes=notes)
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def suggest_mesh(cfg: ModelConfig, devices: int, batch: int, seq: int, max_tensor: int = 8,
+                 **plan_kw) -> Optional[MemoryPlan]:
+    """The plan for the best mesh over `devices`: among meshes that fit, the smallest tensor
+    axis (its collectives run every layer on activations), then the largest data axis (plain
+    data parallelism needs no parameter all-gathers). None fit: the one with least memory."""
+    plans = []
+    for tensor in (t for t in _divisors(devices) if t <= max_tensor):
+        for data in _divisors(devices // tensor):
+            mesh = {"data": data, "fsdp": devices // tensor // data, "tensor": tensor}
+            try:
+                plans.append(plan_memory(cfg, mesh, batch, seq, **plan_kw))
+            except MeshError:
+                continue  # this mesh cannot shard the model or the batch
+    if not plans:
+        return None
+    fitting = [p for p in plans if p.fits]
+    if fitting:
+        return min(fitting, key=lambda p: (p.mesh["tensor"], -p.mesh["data"]))
+    return min(plans, key=lambda p: p.total_bytes)
+
+
+# ------------------------------------------------------------------------------ CLI
+def _load_model(model: str) -> ModelConfig:
+    from ..model.config import PRESETS
+
+    if model in PRESETS:
+        return ModelConfig.preset(model)
+    return ModelConfig.from_hf(model)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:9.2f} GiB"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    mesh = ",".join(f"{a}={s}" for a, s in plan.mesh.items())
+    lines = [
+        f"model {plan.model}  mesh {mesh} ({int(np.prod(list(plan.mesh.values())))} devices)",
+        f"batch {plan.batch} x {plan.seq} -> per device {plan.local_batch} x {plan.local_seq}; "
+        f"remat {plan.remat}; attention {plan.attention}; params {plan.param_dtype}, compute "
+        f"{plan.compute_dtype}, optimizer {plan.optimizer_dtype}",
+        "per-device memory:",
+        f"  params        {_gib(plan.params_bytes)}",
+        f"  grads         {_gib(plan.grads_bytes)}",
+        f"  optimizer     {_gib(plan.optimizer_bytes)}   (AdamW mu + nu)",
+        f"  activations   {_gib(plan.activations_bytes)}   (saved across layers: "
+        f"{plan.saved_activations_bytes / GiB:.2f} GiB)",
+        f"  logits        {_gib(plan.logits_bytes)}   (float32, no chunked loss)",
+    ]
+    if plan.rollout_batch:
+        lines.append(f"  kv cache      {_gib(plan.kv_cache_bytes)}   ({plan.rollout_batch} "
+                     "rollout rows; not alive during the train step)")
+    lines.append(f"  total         {_gib(plan.total_bytes)}")
+    if plan.fits is None:
+        lines.append("verdict: no accelerator given")
+    else:
+        word = "FITS" if plan.fits else "DOES NOT FIT"
+        lines.append(f"verdict: {word} on {plan.accelerator} ({plan.capacity_bytes / GiB:.1f} GiB"
+                     f", {USABLE_FRACTION:.0%} usable = {plan.usable_bytes / GiB:.1f} GiB)")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def main(model, mesh=None, devices=None, batch=1, seq=4096, remat="full", accelerator="h100",
+         param_dtype="float32", compute_dtype="bfloat16", optimizer_dtype="float32",
+         rollout_batch=0, json=False) -> int:
+    """`phi-reason plan`: print the per-device plan (or a suggested mesh for --devices)."""
+    cfg = _load_model(model)
+    kw = dict(remat=remat, accelerator=accelerator, param_dtype=param_dtype,
+              compute_dtype=compute_dtype, optimizer_dtype=optimizer_dtype,
+              rollout_batch=rollout_batch, model_name=model)
+    suggestion = None
+    if mesh is not None:
+        sizes = {a: 1 for a in MESH_AXES} | parse_mesh(mesh)
+        if devices is None and -1 in sizes.values():
+            raise MeshError(f"plan: mesh {mesh!r} has a -1 axis; give --devices N to size it")
+        n = devices or int(np.prod(list(sizes.values())))
+        sizes = resolve_axis_sizes(n, sizes["data"], sizes["fsdp"], sizes["tensor"])
+        plan = plan_memory(cfg, sizes, batch, seq, **kw)
+        if devices and not plan.fits:
+            suggestion = suggest_mesh(cfg, devices, batch, seq, **kw)
+    elif devices:
+        plan = suggest_mesh(cfg, devices, batch, seq, **kw)
+        if plan is None:
+            raise MeshError(f"no (data, fsdp, tensor) mesh over {devices} devices can shard "
+                            f"{model} with batch {batch}")
+    else:
+        raise MeshError("plan: give --mesh (e.g. data=1,fsdp=16,tensor=4) or --devices N")
+    if json:
+        out = plan.to_json()
+        if suggestion is not None:
+            out["suggested_mesh"] = suggestion.mesh
+        print(jsonlib.dumps(out))
+        return 0
+    if mesh is None:
+        print(f"suggested mesh for {devices} devices:")
+    print(format_plan(plan))
+    if suggestion is not None and suggestion.mesh != plan.mesh:
+        mesh_text = ",".join(f"{a}={s}" for a, s in suggestion.mesh.items())
+        state = "fits" if suggestion.fits else "least memory, still does not fit"
+        print(f"suggestion: --mesh {mesh_text} ({state}: "
+              f"{suggestion.total_bytes / GiB:.2f} GiB per device)")
+    return 0

@@ -1,0 +1,143 @@
+"""Memory planner: byte counts by hand, the CLI output, and activations against XLA's own
+buffer assignment (`compiled.memory_analysis()`) on CPU."""
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from phi_reason.model.config import ModelConfig
+from phi_reason.model.decoder import forward
+from phi_reason.model.params import abstract_params
+from phi_reason.sharding import plan as planner
+from phi_reason.sharding.mesh import MeshError
+
+PHI4 = ModelConfig.preset("phi-4")
+GiB = 2 ** 30
+
+
+def phi4_param_elems_per_device(fsdp, tensor):
+    """Phi-4 (PHI4_FACTS: V 100352, H 5120, I 17920, L 40, 40 heads / 10 KV heads x 128) on
+    (fsdp, tensor): everything with an embed dim splits over fsdp; heads, mlp and vocab over
+    tensor; the 10 KV heads do not divide tensor=4 and stay replicated along it."""
+    V, H, I, L, nH, nKV, hd = 100352, 5120, 17920, 40, 40, 10, 128
+    full = fsdp * tensor
+    return (V * H / full  # embed
+            + H * V / full  # lm_head
+            + L * H * nH * hd / full  # wq
+            + 2 * L * H * nKV * hd / fsdp  # wk, wv: replicated over tensor
+            + L * nH * hd * H / full  # wo
+            + 3 * L * H * I / full  # w_gate, w_up, w_down
+            + 2 * L * H / fsdp + H / fsdp)  # ln1, ln2, final_norm
+
+
+def test_phi4_64_h100_cli_prints_breakdown_and_verdict(capsys):
+    rc = planner.main(model="phi-4", mesh="data=1,fsdp=16,tensor=4", devices=None, batch=64,
+                      seq=32768, remat="full", accelerator="h100", param_dtype="float32",
+                      compute_dtype="bfloat16", optimizer_dtype="float32", rollout_batch=0,
+                      json=False)
+    out = capsys.readouterr().out
+    assert rc == 0
+    for word in ("params", "grads", "optimizer", "activations", "logits", "total", "verdict:",
+                 "h100", "per device 4 x 32768"):
+        assert word in out, out
+    assert ("FITS" in out) != ("DOES NOT FIT" in out)
+    # params are printed in GiB, matching the hand count
+    elems = phi4_param_elems_per_device(16, 4)
+    assert f"{elems * 4 / GiB:9.2f} GiB" in out
+
+
+def test_phi4_json_breakdown_is_consistent():
+    plan = planner.plan_memory(PHI4, {"data": 1, "fsdp": 16, "tensor": 4}, batch=64, seq=32768,
+                               remat="full", accelerator="h100")
+    elems = phi4_param_elems_per_device(16, 4)
+    assert plan.params_bytes == elems * 4 == plan.grads_bytes
+    assert plan.optimizer_bytes == 2 * elems * 4
+    assert plan.local_batch == 4 and plan.local_seq == 32768
+    # full remat keeps each layer's input [4, 32768, 5120] in bfloat16 across the 40 layers
+    assert plan.saved_activations_bytes == 40 * 4 * 32768 * 5120 * 2
+    # logits: float32 [4, 32768, 100352 / 4], at least the cotangent plus the saved logits
+    assert plan.logits_bytes >= 2 * 4 * 32768 * 25088 * 4
+    assert plan.total_bytes == (plan.params_bytes + plan.grads_bytes + plan.optimizer_bytes
+                                + plan.activations_bytes + plan.logits_bytes)
+    assert plan.fits == (plan.total_bytes <= 0.9 * 81559 * 2 ** 20)
+    # the phi-4 / 64 x H100 / 64 x 32K / full-remat plan does not fit: 4 sequences per device
+    # of saved layer inputs alone are 50 GiB
+    assert plan.fits is False
+
+
+def test_json_flag_prints_one_object(capsys):
+    planner.main(model="phi-4-mini", mesh="data=2,fsdp=4,tensor=1", batch=16, seq=4096,
+                 remat="full", accelerator="v5p", param_dtype="bfloat16",
+                 compute_dtype="bfloat16", optimizer_dtype="float32", rollout_batch=32,
+                 json=True)
+    d = json.loads(capsys.readouterr().out)
+    for key in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes",
+                "total_bytes", "fits", "kv_cache_bytes", "logits_bytes"):
+        assert key in d
+    # phi-4-mini: 3,836,021,760 parameters (PHI4_FACTS); fsdp=4 splits every tensor 4 ways
+    assert d["params_bytes"] == 3836021760 * 2 // 4
+    assert d["optimizer_bytes"] == 2 * 3836021760 * 4 // 4
+    # KV cache: 32 rows over data x fsdp = 8 -> 4 rows x 4096 x 32 layers x (K, V) x 8 x 128 bf16
+    assert d["kv_cache_bytes"] == 4 * 4096 * 32 * 2 * 8 * 128 * 2
+    assert d["fits"] is True and d["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_suggest_mesh():
+    tiny = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
+    # a tiny model fits anywhere: pure data parallelism is preferred
+    plan = planner.suggest_mesh(tiny, 8, batch=8, seq=128, accelerator="v5e")
+    assert plan.mesh == {"data": 8, "fsdp": 1, "tensor": 1} and plan.fits
+    # batch 4 cannot split 8 ways over data x fsdp: tensor parallelism takes the rest
+    plan = planner.suggest_mesh(tiny, 8, batch=4, seq=128, accelerator="v5e")
+    assert plan.mesh["data"] * plan.mesh["fsdp"] == 4 and plan.mesh["tensor"] == 2
+    # phi-4 with AdamW on 8 x 16 GiB cannot fit at all: least memory, marked as not fitting
+    plan = planner.suggest_mesh(PHI4, 8, batch=8, seq=4096, accelerator="v5e")
+    assert plan.fits is False
+    assert plan.params_bytes + plan.optimizer_bytes > 16 * GiB
+
+
+def test_bad_plan_inputs_name_the_problem():
+    with pytest.raises(MeshError, match=r"'embed' of size 5120 .*fsdp=3"):
+        planner.plan_memory(PHI4, {"data": 1, "fsdp": 3, "tensor": 1}, batch=6, seq=128)
+    with pytest.raises(MeshError, match=r"'heads' of size 40 .*tensor=16"):
+        planner.plan_memory(PHI4, {"data": 1, "fsdp": 4, "tensor": 16}, batch=4, seq=128)
+    with pytest.raises(MeshError, match=r"'batch' of size 6 .*fsdp=16"):
+        planner.plan_memory(PHI4, {"data": 1, "fsdp": 16, "tensor": 4}, batch=6, seq=128)
+    with pytest.raises(MeshError, match="unknown accelerator 'a100'"):
+        planner.plan_memory(PHI4, {"fsdp": 16}, batch=16, seq=128, accelerator="a100")
+    with pytest.raises(MeshError, match="-1 axis; give --devices"):
+        planner.main(model="phi-4", mesh="data=1,fsdp=-1", batch=8)
+
+
+# --------------------------------------------------------------- calibration against XLA
+CAL = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  max_position_embeddings=4096, original_max_position_embeddings=4096,
+                  attention="reference")
+
+
+def xla_transient_bytes(cfg, batch, seq):
+    """XLA's scratch for value-and-grad of a shifted CE loss (parameters and tokens are its
+    arguments, the gradients its outputs; neither is counted in temp_size_in_bytes)."""
+    def loss(params, tokens):
+        logp = jax.nn.log_softmax(forward(params, tokens, cfg)[:, :-1], axis=-1)
+        return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(
+        abstract_params(cfg), jax.ShapeDtypeStruct((batch, seq), jnp.int32)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("remat, batch, seq, cfg_kw", [
+    ("none", 4, 64, {}),
+    ("full", 2, 128, {"num_hidden_layers": 8, "vocab_size": 1024}),
+    ("save_dots", 4, 64, {"hidden_size": 256, "head_dim": 64}),
+], ids=["none", "full", "save_dots"])
+def test_activation_estimate_within_25_percent_of_xla(remat, batch, seq, cfg_kw):
+    cfg = CAL.replace(remat=remat, **cfg_kw)
+    measured = xla_transient_bytes(cfg, batch, seq)
+    act, saved, logits = planner.activation_estimate(cfg, batch, seq, remat, "reference")
+    estimate = act + logits
+    assert abs(estimate - measured) <= 0.25 * measured, (estimate, measured)
