@@ -56,7 +56,7 @@ def expected_logprobs(params, prompt, generated):
     return np.stack(rows)
 
 
-PROMPT_LENGTHS = (9, 20, 50, 70)  # 50 + 30 crosses original_max=64; 70 starts above it
+PROMPT_LENGTHS = (40, 50, 60, 70)  # 40..60 + 30 cross original_max=64; 70 starts above it
 NEW = 30
 
 

@@ -209,38 +209,19 @@ def _state_sharding(mesh, cfg: ModelConfig):
                      NamedSharding(mesh, P(b, None)), rows, rows, rows, rows, rows, rows, rows)
 
 
-# Logical parameter axes -> mesh axis for generation: heads / MLP / vocab over `tensor`.
-_GEN_RULES = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
-
-
-def _param_shardings(params, cfg: ModelConfig, mesh):
-    """NamedShardings for the parameters: a dimension is split over `tensor` only when divisible."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from ..model.params import logical_axes
-
-    size = mesh.shape.get("tensor", 1) if hasattr(mesh.shape, "get") else 1
-
-    def one(axes, x):
-        spec = [(_GEN_RULES.get(a) if x.shape[i] % size == 0 else None) for i, a in
-                enumerate(axes)]
-        spec = [s if s in mesh.axis_names else None for s in spec]
-        return NamedSharding(mesh, P(*spec))
-
-    return jax.tree_util.tree_map(one, logical_axes(cfg), params,
-                                  is_leaf=lambda t: isinstance(t, tuple))
-
-
 def _place_params(params, cfg: ModelConfig, mesh):
     """Parameters already laid out on `mesh` (e.g. the trainer's live ones) are used as they are;
-    otherwise they are placed with the generation rules above."""
+    otherwise they are placed by the project's sharding rules (heads / MLP / vocab over tensor,
+    embed over fsdp)."""
     from jax.sharding import NamedSharding
+
+    from ..sharding.rules import param_shardings
 
     leaves = jax.tree_util.tree_leaves(params)
     if all(isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh
            for x in leaves):
         return params
-    return jax.device_put(params, _param_shardings(params, cfg, mesh))
+    return jax.device_put(params, param_shardings(cfg, mesh))
 
 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
