@@ -122,15 +122,19 @@ def chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None, kv_i
 
 
 def causal_blocked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None,
-                             kv_index=None, scale: Optional[float] = None, block: int = 128):
+                             kv_index=None, scale: Optional[float] = None,
+                             block: Optional[int] = None):
     """Exact attention that never computes scores above the causal diagonal (CPU default).
 
     Self-attention with index = arange only (T == S, no explicit indices; otherwise this is
     `reference_attention`). Query block i (static) attends to the key prefix [0, (i+1)*block):
     one plain softmax per block, so with n blocks only (n+1)/2n of the [T, T] scores and their
-    gradients exist (62% for 4 blocks) and no online-softmax rescaling is needed.
+    gradients exist (56% for 8 blocks) and no online-softmax rescaling is needed. Default block:
+    T/8 (at least 64), so the unrolled program stays at <= 8 blocks (measured on 2 CPU cores,
+    B=8 T=512: fwd+bwd 2.2x faster than `reference` with 8 blocks, 1.9x with 4).
     """
     t = q.shape[1]
+    block = max(64, -(-t // 8)) if block is None else block
     if q_index is not None or kv_index is not None or k.shape[1] != t or t <= block:
         return reference_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index,
                                    scale)

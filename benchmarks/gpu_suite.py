@@ -1,0 +1,357 @@
+"""Accelerator suite (issue 11): attention paths, train-step MFU, decode vs the HBM roofline.
+
+    python benchmarks/gpu_suite.py                  # one GPU, <= 8 minutes
+    python benchmarks/gpu_suite.py --tiny --out-dir /tmp/x   # toy sizes on CPU (tests)
+
+Writes <out-dir>/<device>.md and <device>.json (default out-dir benchmarks/results).
+On CPU (--tiny) the Pallas kernels run in the interpreter and the cuDNN path is replaced by
+`dot_product_attention(implementation="xla")`: the numbers exercise the code, not the chip;
+the roofline peaks there are measured (a matmul and a reduction), not nominal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+# Latency-hiding scheduler: overlaps the (few) async copies with compute; harmless on one GPU.
+GPU_XLA_FLAGS = "--xla_gpu_enable_latency_hiding_scheduler=true"
+if __name__ == "__main__" and "--tiny" not in sys.argv:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + GPU_XLA_FLAGS).strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from phi_reason.model import attention_kernels  # noqa: E402
+from phi_reason.model.attention import chunked_attention, reference_attention  # noqa: E402
+from phi_reason.model.config import ModelConfig  # noqa: E402
+from phi_reason.model.decoder import forward  # noqa: E402
+from phi_reason.model.kv_cache import decode_step, init_cache, split_layers  # noqa: E402
+from phi_reason.model.params import abstract_params, init_params, param_count  # noqa: E402
+
+# (dense bf16 FLOP/s, HBM bytes/s) by device-kind substring, from vendor data sheets.
+PEAKS = {"H200": (989e12, 4.8e12), "H100 PCIe": (756e12, 2.0e12), "H100": (989e12, 3.35e12),
+         "A100": (312e12, 2.0e12)}
+
+
+def timeit(fn, *args, iters=3):
+    """Median seconds of `iters` calls after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def is_oom(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def device_peaks(tiny: bool):
+    kind = jax.devices()[0].device_kind
+    for key, peaks in PEAKS.items():
+        if key in kind:
+            return peaks, "nominal"
+    # Unknown chip (CPU): measure a large matmul and a streaming reduction instead.
+    n = 512 if tiny else 2048
+    a = jnp.ones((n, n), jnp.float32)
+    flops = 2 * n ** 3 / timeit(jax.jit(lambda a: a @ a), a)
+    x = jnp.ones((32 * 2 ** 20,), jnp.float32)
+    bw = x.nbytes / timeit(jax.jit(jnp.sum), x)
+    return (flops, bw), "measured"
+
+
+# ------------------------------------------------------------------------------ attention
+
+def packed_segments(b, t, n_seq=3):
+    """Each row: n_seq packed sequences of unequal length, then ~5% padding (segment 0)."""
+    real = t - max(1, t // 20)
+    cuts = np.sort(np.random.RandomState(0).choice(np.arange(1, real), n_seq - 1, replace=False))
+    row = np.zeros(t, np.int32)
+    for i, (lo, hi) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, real])):
+        row[lo:hi] = i + 1
+    return jnp.asarray(np.tile(row, (b, 1)))
+
+
+def attention_paths(interpret: bool):
+    gpu = lambda variant: (lambda q, k, v, s: attention_kernels.gpu_attention(
+        q, k, v, s, s, interpret=interpret, variant=variant))
+    return {
+        "reference": lambda q, k, v, s: reference_attention(q, k, v, s, s),
+        "chunked": lambda q, k, v, s: chunked_attention(q, k, v, s, s),
+        "gpu_triton": gpu("triton"),
+        # cuDNN cannot express segment ids: timed on single-sequence rows (its only use).
+        "gpu_cudnn": gpu("cudnn"),
+    }
+
+
+def _truth(q, k, v, seg):
+    """Reference output (float32), or the chunked path's where the reference does not fit."""
+    for name, fn in (("reference", reference_attention), ("chunked", chunked_attention)):
+        try:
+            return name, jax.jit(fn)(q, k, v, seg, seg).astype(jnp.float32)
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e):
+                raise
+    return None, None
+
+
+def bench_attention(seq_lens, heads, kv_heads, head_dim, dtype, interpret):
+    rows = []
+    for t in seq_lens:
+        r = np.random.RandomState(t)
+        shape_q, shape_kv = (1, t, heads, head_dim), (1, t, kv_heads, head_dim)
+        q, k, v = (jnp.asarray(r.randn(*s), dtype) for s in (shape_q, shape_kv, shape_kv))
+        segs = {"packed": packed_segments(1, t), "single": jnp.ones((1, t), jnp.int32)}
+        truth = {key: _truth(q, k, v, seg) for key, seg in segs.items()}
+        for name, fn in attention_paths(interpret).items():
+            key = "single" if name == "gpu_cudnn" else "packed"
+            seg = segs[key]
+            fwd = jax.jit(fn)
+            bwd = jax.jit(jax.grad(lambda q, k, v, s: jnp.sum(fn(q, k, v, s).astype(jnp.float32)),
+                                   argnums=(0, 1, 2)))
+            row = {"seq": t, "path": name, "segments": key, "err_vs": truth[key][0]}
+            try:
+                out = fwd(q, k, v, seg).astype(jnp.float32)
+                if truth[key][1] is not None:
+                    row["max_abs_err"] = float(jnp.max(jnp.abs(out - truth[key][1])))
+                row["fwd_ms"] = 1e3 * timeit(fwd, q, k, v, seg)
+                row["fwd_bwd_ms"] = 1e3 * timeit(bwd, q, k, v, seg)
+            except Exception as e:  # noqa: BLE001 - an OOM or unsupported shape is a result
+                row["error"] = "OOM" if is_oom(e) else f"{type(e).__name__}: {str(e)[:200]}"
+            rows.append(row)
+            print("attention", row, flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------ train step
+
+def train_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    """6 N (matmul params: everything but the embedding gather; a tied head counts once) plus
+    causal attention 6 * L * T * nH * hd (QK^T and PV, forward + backward, half the T^2)."""
+    n = param_count(cfg) - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    attn = 6 * cfg.num_hidden_layers * seq * cfg.num_attention_heads * cfg.head_dim
+    return 6 * n + attn
+
+
+def make_train_step(cfg):
+    opt = optax.adamw(1e-5, weight_decay=0.01)
+
+    def loss_fn(params, tokens):
+        logits = forward(params, tokens, cfg)[:, :-1]
+        gold = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - gold)
+
+    @jax.jit
+    def init(key):
+        params = init_params(cfg, key)
+        return params, opt.init(params)
+
+    def step(params, opt_state, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return init, jax.jit(step, donate_argnums=(0, 1))
+
+
+def layers_that_fit(cfg: ModelConfig, seq: int, batch: int) -> int:
+    """Estimate: fp32 params + grads + AdamW moments (16 B/param), f32 logits and their gradient,
+    and bf16 layer-boundary activations, within 85% of device memory."""
+    stats = jax.devices()[0].memory_stats() or {}
+    limit = 0.85 * stats.get("bytes_limit", 16 * 2 ** 30)
+    one = param_count(cfg.replace(num_hidden_layers=1))
+    two = param_count(cfg.replace(num_hidden_layers=2))
+    per_layer, fixed = two - one, one - (two - one)
+    logits = 3 * batch * seq * cfg.vocab_size * 4
+    act = batch * seq * cfg.hidden_size * 2 * 4  # boundaries + a layer's live working set
+    n = int((limit - 16 * fixed - logits) // (16 * per_layer + act))
+    return max(1, min(n, cfg.num_hidden_layers))
+
+
+def bench_train(base: ModelConfig, seq: int, batch: int, remats, peak_flops, max_layers=None):
+    n_layers = layers_that_fit(base, seq, batch) if max_layers is None else max_layers
+    results = []
+    while n_layers >= 1:
+        cfg = base.replace(num_hidden_layers=n_layers)
+        results = []
+        oom = False
+        for remat in remats:
+            c = cfg.replace(remat=remat)
+            row = {"layers": n_layers, "remat": remat, "seq": seq, "batch": batch,
+                   "params": param_count(c)}
+            try:
+                init, step = make_train_step(c)
+                params, opt_state = init(jax.random.PRNGKey(0))
+                tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, seq), 0,
+                                            c.vocab_size)
+                params, opt_state, loss = step(params, opt_state, tokens)  # compile
+                loss.block_until_ready()
+                times = []
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    params, opt_state, loss = step(params, opt_state, tokens)
+                    loss.block_until_ready()
+                    times.append(time.perf_counter() - t0)
+                sec = statistics.median(times)
+                flops = train_flops_per_token(c, seq) * batch * seq
+                row.update(step_s=sec, tokens_per_s=batch * seq / sec,
+                           tflops=flops / sec / 1e12, mfu=flops / sec / peak_flops,
+                           loss=float(loss))
+                del params, opt_state
+            except Exception as e:  # noqa: BLE001
+                if not is_oom(e):
+                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                else:
+                    row["error"] = "OOM"
+                    oom = True
+            results.append(row)
+            print("train", row, flush=True)
+        if not oom or any("mfu" in r for r in results):
+            break
+        n_layers //= 2  # nothing fitted: retry smaller
+    return results
+
+
+# ------------------------------------------------------------------------------ decode
+
+def bench_decode(cfg: ModelConfig, batches, context: int, steps: int, peak_bw):
+    """Greedy decode through `kv_cache.decode_step` in a jitted `lax.fori_loop` with every row's
+    context filled to `context` tokens. Roofline bytes per step: all parameters (compute dtype)
+    plus the whole KV cache capacity, which the decode attention reads."""
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(lambda x: x.astype(jnp.dtype(cfg.dtype)), params)
+    params = split_layers(params)  # unrolled layers: no per-step weight slicing
+    param_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    rows = []
+    for b in batches:
+        row = {"batch": b, "context": context, "steps": steps}
+        try:
+            cache = init_cache(cfg, b, context + steps)
+            cache = jax.tree_util.tree_map(
+                lambda x: jax.random.normal(jax.random.PRNGKey(2), x.shape, x.dtype) * 0.1, cache)
+            kv_bytes = sum(x.nbytes for x in cache)
+
+            @jax.jit
+            def run(params, cache, tokens):
+                def body(i, carry):
+                    cache, tokens = carry
+                    pos = jnp.full((b,), context + i, jnp.int32)
+                    logits, cache = decode_step(params, cfg, cache, tokens, pos, None)
+                    return cache, jnp.argmax(logits, -1).astype(jnp.int32)
+                return jax.lax.fori_loop(0, steps, body, (cache, tokens))
+
+            tokens = jnp.zeros((b,), jnp.int32)
+            sec = timeit(run, params, cache, tokens, iters=2) / steps
+            row.update(step_ms=1e3 * sec, tokens_per_s=b / sec,
+                       bytes_per_step=param_bytes + kv_bytes,
+                       roofline_fraction=(param_bytes + kv_bytes) / sec / peak_bw)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = "OOM" if is_oom(e) else f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print("decode", row, flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------ report
+
+def device_slug(tiny: bool) -> str:
+    kind = jax.devices()[0].device_kind.lower()
+    slug = "".join(c if c.isalnum() else "-" for c in kind).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return f"{jax.default_backend()}-tiny" if tiny else slug
+
+
+def render_md(report) -> str:
+    def table(rows, cols):
+        out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in rows:
+            cells = []
+            for c in cols:
+                v = r.get(c, r.get("error", "") if c == cols[-1] else "")
+                cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+            out.append("| " + " | ".join(cells) + " |")
+        return "\n".join(out)
+
+    m = report["meta"]
+    return "\n\n".join([
+        f"# Accelerator suite: {m['device']}",
+        f"jax {m['jax']}, backend {m['backend']}, XLA_FLAGS `{m['xla_flags']}`, peaks "
+        f"{m['peak_flops'] / 1e12:.4g} TFLOP/s and {m['peak_bw'] / 1e9:.4g} GB/s ({m['peaks']}); "
+        f"tiny={m['tiny']}; {m['seconds']:.0f} s total.",
+        "## Attention (packed GQA rows; cuDNN on single-sequence rows)",
+        table(report["attention"], ["seq", "path", "segments", "max_abs_err", "err_vs", "fwd_ms",
+                                    "fwd_bwd_ms", "error"]),
+        "## Train step (AdamW, bf16 compute, fp32 params)",
+        table(report["train"], ["layers", "remat", "seq", "batch", "params", "step_s",
+                                "tokens_per_s", "tflops", "mfu", "error"]),
+        "## Decode (greedy, KV cache)",
+        table(report["decode"], ["batch", "context", "steps", "step_ms", "tokens_per_s",
+                                 "bytes_per_step", "roofline_fraction", "error"]),
+    ]) + "\n"
+
+
+def write_atomic(path: str, text: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="attention / train-step MFU / decode suite")
+    ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU, for tests)")
+    ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--skip", action="append", default=[], choices=["attention", "train",
+                                                                      "decode"])
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    interpret = jax.default_backend() == "cpu"
+    (peak_flops, peak_bw), peaks_src = device_peaks(args.tiny)
+    if args.tiny:
+        base = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           dtype="bfloat16", attention="auto")
+        attn_args = dict(seq_lens=(64,), heads=4, kv_heads=2, head_dim=16)
+        train_args = dict(seq=64, batch=2, remats=("full", "save_dots"), max_layers=2)
+        decode_args = dict(batches=(1, 4), context=32, steps=4)
+    else:
+        base = ModelConfig.preset("phi-4-mini").replace(dtype="bfloat16", param_dtype="float32",
+                                                        attention="auto")
+        attn_args = dict(seq_lens=(4096, 16384), heads=24, kv_heads=8, head_dim=128)
+        train_args = dict(seq=4096, batch=1, remats=("save_dots", "full"), max_layers=None)
+        decode_args = dict(batches=(1, 16, 64), context=2048, steps=64)
+    report = {"meta": {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+                       "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                       "peak_flops": peak_flops, "peak_bw": peak_bw, "peaks": peaks_src,
+                       "tiny": args.tiny, "interpret_kernels": interpret},
+              "attention": [], "train": [], "decode": []}
+    if "attention" not in args.skip:
+        report["attention"] = bench_attention(dtype=jnp.bfloat16, interpret=interpret,
+                                              **attn_args)
+    if "train" not in args.skip:
+        report["train"] = bench_train(base, peak_flops=peak_flops, **train_args)
+    if "decode" not in args.skip:
+        report["decode"] = bench_decode(base.replace(num_hidden_layers=base.num_hidden_layers),
+                                        peak_bw=peak_bw, **decode_args)
+    report["meta"]["seconds"] = time.time() - t_start
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, device_slug(args.tiny))
+    write_atomic(stem + ".json", json.dumps(report, indent=1, default=str))
+    write_atomic(stem + ".md", render_md(report))
+    print(f"wrote {stem}.md and {stem}.json ({report['meta']['seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
