@@ -1,0 +1,154 @@
+"""`phi-reason generate`: sample completions from a checkpoint (I/O around `sampler.generate`).
+
+--prompt TEXT streams the completion to stdout as it is generated. --prompts FILE.jsonl reads one
+JSON object per line with a "prompt" string or a "messages" list and writes each object back with
+"completion", "finish_reason", "num_tokens", "token_ids" and "logprob" (sum over the completion)
+added, in input order, to --output (written to a temporary file, renamed when complete) or stdout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import List, Optional
+
+NO_CHAT = (None, "", "none")
+
+
+class GenerateInputError(ValueError):
+    """A bad --prompts file: the message names the file and line."""
+
+
+def read_prompt_file(path: str) -> List[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise GenerateInputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise GenerateInputError(f"{path}:{lineno}: expected a JSON object")
+            content = rec.get("messages", rec.get("prompt"))
+            if isinstance(content, str) or (isinstance(content, list) and all(
+                    isinstance(m, dict) and "role" in m and "content" in m for m in content)):
+                records.append(rec)
+            else:
+                raise GenerateInputError(
+                    f"{path}:{lineno}: needs a 'prompt' string or a 'messages' list of "
+                    "{'role', 'content'} objects")
+    if not records:
+        raise GenerateInputError(f"{path}: no prompts")
+    return records
+
+
+def encode_prompt(content, tokenizer, chat_format: Optional[str]) -> List[int]:
+    """Chat-formatted prompt ids ending with the assistant header, or the raw text's ids."""
+    if chat_format in NO_CHAT:
+        if not isinstance(content, str):
+            raise GenerateInputError("a 'messages' prompt needs --chat-format")
+        return tokenizer.encode(content)
+    from ..data.chat import render_prompt
+
+    return render_prompt(content, tokenizer, chat_format)
+
+
+def stop_tokens(cfg, tokenizer, chat_format: Optional[str]) -> tuple:
+    if chat_format in NO_CHAT:
+        return tuple(dict.fromkeys(tuple(tokenizer.eos_ids) + cfg.stop_token_ids))
+    from ..data.chat import stop_ids
+
+    return tuple(stop_ids(chat_format, tokenizer))
+
+
+def decodable(tokenizer, ids) -> List[int]:
+    """Ids the tokenizer can decode: a model's vocabulary may be padded beyond the tokenizer's
+    (the tiny preset has 512 ids, the char tokenizer 264); such ids are dropped with a warning."""
+    n = tokenizer.vocab_size
+    kept = [t for t in ids if 0 <= t < n]
+    if len(kept) != len(ids):
+        print(f"warning: dropped {len(ids) - len(kept)} generated id(s) outside the tokenizer's "
+              f"vocabulary [0, {n})", file=sys.stderr)
+    return kept
+
+
+def completion_text(tokenizer, ids, reason, stops) -> str:
+    ids = ids[:-1] if reason == "stop" and ids and ids[-1] in stops else ids
+    return tokenizer.decode(decodable(tokenizer, ids))
+
+
+class _Streamer:
+    """Prints the decoded completion as tokens arrive (re-decoding the whole completion so that
+    multi-byte characters split across tokens come out whole)."""
+
+    def __init__(self, tokenizer, stops, out):
+        self.tokenizer, self.stops, self.out = tokenizer, set(stops), out
+        self.ids: List[int] = []
+        self.printed = ""
+
+    def __call__(self, _index, new_ids):
+        self.ids.extend(decodable(self.tokenizer, [t for t in new_ids if t not in self.stops]))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # incomplete character: wait for its remaining bytes
+            return
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def _write_atomically(path: str, lines: List[str]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".generate-", suffix=".jsonl.tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(model, prompt=None, prompts=None, output=None, chat_format=None, tokenizer=None,
+         max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=0, batch_slots=8) -> int:
+    from ..checkpoint import load_pretrained
+    from ..data.tokenizer import load_tokenizer
+    from .sampler import generate
+
+    if (prompt is None) == (prompts is None):
+        raise GenerateInputError("give exactly one of --prompt and --prompts")
+    records = [{"prompt": prompt}] if prompt is not None else read_prompt_file(prompts)
+    tok = load_tokenizer(tokenizer or model)
+    cfg, params = load_pretrained(model)
+    ids = []
+    for i, rec in enumerate(records):
+        try:
+            ids.append(encode_prompt(rec.get("messages", rec.get("prompt")), tok, chat_format))
+        except GenerateInputError as e:
+            raise GenerateInputError(f"{prompts}: record {i + 1}: {e}") from None
+    stops = stop_tokens(cfg, tok, chat_format)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+              stop_tokens=stops, seed=seed, num_slots=max(1, min(batch_slots, len(ids))))
+    if prompt is not None:
+        streamer = _Streamer(tok, stops, sys.stdout)
+        out = generate(params, cfg, ids, on_tokens=streamer, **kw)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(f"[{out.finish_reasons[0]}: {len(out.tokens[0])} tokens]", file=sys.stderr)
+        return 0
+    out = generate(params, cfg, ids, **kw)
+    lines = []
+    for rec, toks, lps, reason in zip(records, out.tokens, out.logprobs, out.finish_reasons):
+        result = dict(rec, completion=completion_text(tok, toks, reason, stops),
+                      finish_reason=reason, num_tokens=len(toks), token_ids=toks,
+                      logprob=float(sum(lps)))
+        lines.append(json.dumps(result, ensure_ascii=False) + "\n")
+    if output:
+        _write_atomically(output, lines)
+    else:
+        sys.stdout.writelines(lines)
+        sys.stdout.flush()
+    return 0
