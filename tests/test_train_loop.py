@@ -14,7 +14,6 @@ import pytest
 
 from phi_reason.config import load_run_config
 from phi_reason.train import loop
-from phi_reason.train.steps import make_sft_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_SFT = str(ROOT / "configs" / "tiny_sft.yaml")
@@ -36,159 +35,165 @@ def addition_file(tmp_path_factory):
 
 def overrides(data_file, out, **kw):
     base = {"data.train_files": f"[{data_file}]", "data.seq_len": 96, "train.batch_size": 4,
-            "output.dir": str(out), "output.progress": "false", "output.tensorboard": "false"}
+            "train.steps": 30, "train.lr": 3e-3, "output.save_every": 5, "output.keep": 10,
+            "output.dir": str(out),
+            "output.progress": "false", "output.tensorboard": "false"}
     base.update(kw)
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def losses(out):
+def history(out):
     recs = [json.loads(x) for x in (pathlib.Path(out) / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in recs]
 
 
-def test_sft_loss_falls_on_synthetic_task(addition_file, tmp_path):
-    out = tmp_path / "run"
-    rc = loop.run_sft(TINY_SFT, overrides(addition_file, out, **{
-        "train.steps": 40, "train.lr": 3e-3, "output.save_every": 100,
-        "output.tensorboard": "true"}))
-    assert rc == 0
-    hist = losses(out)
-    assert [h[0] for h in hist] == list(range(1, 41))
+# Every subprocess below runs the same config, so they share one compiled step through the
+# persistent compilation cache. The harness casts loss_mask to float32 (so a NaN can be
+# injected) and, on request, preempts itself from a step hook (a real signal, delivered mid-run)
+# or poisons one batch.
+HARNESS = r"""
+import os, signal, sys
+import jax
+import numpy as np
+jax.config.update("jax_default_matmul_precision", "highest")
+from phi_reason.train import loop
+config, overrides, resume, at, action = (sys.argv[1], sys.argv[2].split("|"), sys.argv[3] == "1",
+                                         int(sys.argv[4]), sys.argv[5])
+build_data = loop.build_data
+
+class Batches:
+    def __init__(self, inner):
+        self.inner, self.n = inner, 0
+    def __next__(self):
+        batch = next(self.inner)
+        self.n += 1
+        batch = dict(batch, loss_mask=batch["loss_mask"].astype(np.float32))
+        if action == "nan" and self.n == at:
+            batch["loss_mask"][0, 10] = np.nan
+        return batch
+    def get_state(self):  # the pipeline's own state: checkpoints stay plain pipeline states
+        return self.inner.get_state()
+    def set_state(self, state):
+        self.inner.set_state(state)
+
+loop.build_data = lambda run, kind: (Batches(build_data(run, kind)[0]), None)
+def preempt(trainer, step):
+    if step == at and action.startswith("SIG"):
+        os.kill(os.getpid(), getattr(signal, action))
+sys.exit(loop.run_sft(config, overrides, resume=resume, hooks=[preempt]))
+"""
+
+
+def launch(over, cache, resume=False, at=0, action="none"):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return subprocess.Popen([sys.executable, "-c", HARNESS, TINY_SFT, "|".join(over),
+                             "1" if resume else "0", str(at), action],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(proc, timeout=600):
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def runs(addition_file, tmp_path_factory):
+    """An uninterrupted run and a preempted one (SIGKILL after step 13, resume, SIGTERM after
+    step 17, resume to the end), side by side."""
+    tmp = tmp_path_factory.mktemp("runs")
+    cache = tmp / "xla_cache"
+    ref_dir, run_dir = tmp / "uninterrupted", tmp / "preempted"
+    ref = launch(overrides(addition_file, ref_dir, **{"output.tensorboard": "true"}), cache)
+    killed = launch(overrides(addition_file, run_dir), cache, at=13, action="SIGKILL")
+    result = {"ref": finish(ref), "killed": finish(killed), "cache": cache, "tmp": tmp,
+              "ref_dir": ref_dir, "run_dir": run_dir}
+    result["sigterm"] = finish(launch(overrides(addition_file, run_dir), cache, resume=True,
+                                      at=17, action="SIGTERM"))
+    result["ckpts_after_sigterm"] = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()
+                                           if p.name.isdigit())
+    result["final_after_sigterm"] = (run_dir / "final").exists()
+    result["resumed"] = finish(launch(overrides(addition_file, run_dir), cache, resume=True))
+    return result
+
+
+def test_sft_loss_falls_on_synthetic_task(runs):
+    rc, err = runs["ref"]
+    assert rc == 0, err
+    out = runs["ref_dir"]
+    hist = history(out)
+    assert [h[0] for h in hist] == list(range(1, 31))
     first, last = hist[0][1], np.mean([h[1] for h in hist[-5:]])
     assert first > 5.0  # ~ln(512) at random init
-    assert last < 0.4 * first, (first, last)
-    assert (out / "checkpoints" / "40").is_dir() and (out / "final").is_dir()
+    assert last < 0.45 * first, (first, last)
+    assert (out / "checkpoints" / "30").is_dir()
     assert list((out / "tb").glob("events.out.tfevents.*"))
-    assert load_run_config(str(out / "config.yaml")).train.steps == 40
+    assert load_run_config(str(out / "config.yaml")).train.steps == 30
     # the exported weights load as a pretrained model
     from phi_reason.checkpoint import load_pretrained
     cfg, params = load_pretrained(str(out / "final"))
     assert cfg.num_hidden_layers == 2 and np.isfinite(np.asarray(params["embed"])).all()
 
 
-HARNESS = r"""
-import os, signal, sys
-import jax
-jax.config.update("jax_default_matmul_precision", "highest")
-from phi_reason.train.loop import run_sft
-config, overrides, resume, at, sig = sys.argv[1], sys.argv[2].split("|"), sys.argv[3] == "1", \
-    int(sys.argv[4]), sys.argv[5]
-def preempt(trainer, step):
-    if step == at:
-        os.kill(os.getpid(), getattr(signal, sig))
-sys.exit(run_sft(config, overrides, resume=resume, hooks=[preempt] if at else []))
-"""
-
-
-def launch(over, resume=False, at=0, sig="SIGKILL", cache=None):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return subprocess.Popen([sys.executable, "-c", HARNESS, TINY_SFT, "|".join(over),
-                             "1" if resume else "0", str(at), sig],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def finish(proc, timeout=300):
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, err
-
-
 @pytest.mark.slow
-def test_preemption_resume_is_bitwise_identical(addition_file, tmp_path):
-    cache = tmp_path / "xla_cache"
-    kw = {"train.steps": 12, "output.save_every": 3}
-    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "preempted"
-    ref = launch(overrides(addition_file, ref_dir, **kw), cache=cache)
-    # SIGKILL right after step 8 is dispatched (checkpoint 6 may still be in flight)
-    killed = launch(overrides(addition_file, run_dir, **kw), at=8, sig="SIGKILL", cache=cache)
-    rc_ref, err_ref = finish(ref)
-    rc, err = finish(killed)
-    assert rc_ref == 0, err_ref
-    assert rc == -9, err
-    # resume; SIGTERM after step 10: the run saves step 10 and exits 0
-    rc, err = finish(launch(overrides(addition_file, run_dir, **kw), resume=True, at=10,
-                            sig="SIGTERM", cache=cache))
+def test_preemption_resume_is_bitwise_identical(runs):
+    rc, err = runs["killed"]
+    assert rc == -9, err  # killed by SIGKILL after step 13 (checkpoint 10 possibly in flight)
+    rc, err = runs["sigterm"]
+    assert rc == 0, err  # SIGTERM: saved and exited cleanly
+    assert "resumed from" in err and "SIGTERM: saved checkpoint at step 17" in err
+    assert runs["ckpts_after_sigterm"][-1] == 17 and not runs["final_after_sigterm"]
+    rc, err = runs["resumed"]
     assert rc == 0, err
-    assert "resumed" in err and "SIGTERM: saved checkpoint at step 10" in err
-    assert (run_dir / "checkpoints" / "10").is_dir()
-    assert not (run_dir / "final").exists()  # a preempted run does not export
-    rc, err = finish(launch(overrides(addition_file, run_dir, **kw), resume=True, cache=cache))
-    assert rc == 0, err
-    assert "resumed from" in err and "at step 10" in err
-    want, got = losses(ref_dir), losses(run_dir)
-    assert [g[0] for g in got] == list(range(1, 13))
+    assert "at step 17" in err
+    want, got = history(runs["ref_dir"]), history(runs["run_dir"])
+    assert [g[0] for g in got] == list(range(1, 31))
     assert got == want  # bitwise: loss, grad norm and lr of every step
 
 
-def test_nonfinite_loss_stops_naming_the_step_and_checkpoint_restores(addition_file, tmp_path,
-                                                                      capsys):
-    out = tmp_path / "nan"
-    run = load_run_config(TINY_SFT, overrides(addition_file, out, **{
-        "train.steps": 8, "output.save_every": 3}))
-
-    class Poisoned:
-        """The pipeline, with a NaN in the 5th batch's loss mask."""
-
-        def __init__(self, inner):
-            self.inner, self.n = inner, 0
-
-        def __next__(self):
-            batch = next(self.inner)
-            self.n += 1
-            if self.n == 5:
-                batch = dict(batch, loss_mask=batch["loss_mask"].astype(np.float32))
-                batch["loss_mask"][0, 10] = np.nan
-            else:
-                batch = dict(batch, loss_mask=batch["loss_mask"].astype(np.float32))
-            return batch
-
-        def get_state(self):
-            return {"inner": self.inner.get_state(), "n": self.n}
-
-        def set_state(self, s):
-            self.inner.set_state(s["inner"])
-            self.n = s["n"]
-
-    built = {}
-
-    def factory():
-        mesh, cfg, params, data, total, tc = loop._setup(run, "sft")
-        state = loop._new_state(cfg, tc, params, mesh)
-        built["make"] = lambda: (loop._new_state(cfg, tc, loop.build_model(run)[1], None),
-                                 Poisoned(loop.build_data(run, "sft")[0]))
-        built["trainer"] = loop.Trainer(run, cfg, state, make_sft_step(cfg, tc), Poisoned(data),
-                                        total)
-        return built["trainer"], cfg
-
-    assert loop._run(factory, resume=False) == 1
-    err = capsys.readouterr().err
-    assert "non-finite loss or gradient at step 5" in err
-    assert "last checkpoint is step 3" in err
-    trainer = built["trainer"]
-    assert trainer.manager.all_steps() == [3]  # nothing was saved after the bad step
-    # a fresh trainer restores step 3: finite params equal to what step 3 had, data position 3
-    state, data = built["make"]()
-    t2 = loop.Trainer(run, trainer.cfg, state, trainer.step_fn, data, 8)
-    assert t2.restore() == 3
-    assert int(t2.state.step) == 3 and data.n == 3
-    leaves = jax.tree_util.tree_leaves(t2.state.params)
-    assert all(np.isfinite(np.asarray(x)).all() for x in leaves)
-    assert not np.allclose(np.asarray(t2.state.params["embed"]),
-                           np.asarray(built["make"]()[0].params["embed"]))  # trained, not init
+def test_nonfinite_loss_stops_naming_the_step_and_checkpoint_restores(runs, addition_file):
+    out = runs["tmp"] / "nan"
+    rc, err = finish(launch(overrides(addition_file, out), runs["cache"], at=12, action="nan"))
+    assert rc == 1, err
+    assert "non-finite loss or gradient at step 12" in err
+    assert "last checkpoint is step 10" in err
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [5, 10] and not (out / "final").exists()
+    # the last checkpoint restores: step 10's state, bit-identical to the uninterrupted run's
+    run = load_run_config(TINY_SFT, overrides(addition_file, out))
+    cfg, params = loop.build_model(run)
+    tc = run.train
+    data, _ = loop.build_data(run, "sft")
+    trainer = loop.Trainer(run, cfg, loop._new_state(cfg, tc, params, None), None, data, 30)
+    assert trainer.restore() == 10 and int(trainer.state.step) == 10
+    got = jax.tree_util.tree_map(np.asarray, trainer.state.params)
+    ref_run = load_run_config(TINY_SFT, overrides(addition_file, runs["ref_dir"]))
+    ref = loop.Trainer(ref_run, cfg, loop._new_state(cfg, tc, params, None), None,
+                       loop.build_data(ref_run, "sft")[0], 30)
+    assert ref.restore(10) == 10
+    want = jax.tree_util.tree_map(np.asarray, ref.state.params)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(a, b)
+    # the data position restored too: the next batch is the uninterrupted run's 11th
+    fresh, _ = loop.build_data(run, "sft")
+    for _ in range(10):
+        next(fresh)
+    np.testing.assert_array_equal(next(trainer.data)["tokens"], next(fresh)["tokens"])
 
 
 def test_dpo_run_learns_preferences_with_precomputed_reference(tmp_path):
+    """Chosen adds (as the prompt asks), rejected subtracts: a preference a tiny model can pick up
+    from the prompt in a few steps (it could not learn to tell right from wrong sums)."""
     path = tmp_path / "pairs.jsonl"
     r = random.Random(1)
     with open(path, "w") as f:
         for _ in range(200):
             a, b = r.randint(10, 99), r.randint(10, 99)
-            wrong = a + b + r.choice([-11, -10, -1, 1, 10, 11])
             f.write(json.dumps({"prompt": f"{a}+{b}=",
                                 "chosen": f"<think>{a}+{b}</think> \\boxed{{{a + b}}}",
-                                "rejected": f"<think>{a}+{b}</think> \\boxed{{{wrong}}}"}) + "\n")
+                                "rejected": f"<think>{a}-{b}</think> \\boxed{{{a - b}}}"}) + "\n")
     out = tmp_path / "dpo"
     rc = loop.run_dpo(str(ROOT / "configs" / "tiny_dpo.yaml"), [
         f"data.train_files=[{path}]", "data.seq_len=48", "train.batch_size=8", "train.steps=16",
@@ -200,8 +205,8 @@ def test_dpo_run_learns_preferences_with_precomputed_reference(tmp_path):
     np.testing.assert_allclose(recs[0]["loss"], np.log(2), rtol=1e-5)
     assert recs[0]["rewards/margin"] == 0.0
     late = recs[-4:]
-    assert np.mean([x["loss"] for x in late]) < 0.6
-    assert np.mean([x["rewards/accuracy"] for x in late]) > 0.7
+    assert np.mean([x["loss"] for x in late]) < 0.5
+    assert np.mean([x["rewards/accuracy"] for x in late]) > 0.8
     assert np.mean([x["rewards/margin"] for x in late]) > 0
     with np.load(out / "reference_logps.npz") as z:  # the one-pass reference, [steps, batch]
         assert z["chosen"].shape == (16, 8) and np.all(z["chosen"] < 0)

@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Protocol, Sequence
@@ -186,7 +187,10 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=self.total_steps, initial=start, dynamic_ncols=True,
                        desc="train", file=sys.stderr)
-        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        # Signals can only be caught on the main thread; elsewhere the caller owns them.
+        on_main = threading.current_thread() is threading.main_thread()
+        old_handlers = {s: signal.signal(s, self._on_signal)
+                        for s in ((signal.SIGTERM, signal.SIGINT) if on_main else ())}
         step = start
         pending = None
         self._clock = time.perf_counter()
