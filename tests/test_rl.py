@@ -107,6 +107,7 @@ def test_rl_raises_held_out_accuracy(task, tmp_path):
         runs[name] = train_rl(run, model=(task["cfg"], _copy(task["params"])), tokenizer=task["tok"],
                               prompts=task["train"])
     after = {k: _held_out_accuracy(task, r.params) for k, r in runs.items()}
+    print(f"held-out greedy accuracy: before {before:.3f}, after {after}")
     # Same steps, same seeds, no updates: the policy and its held-out accuracy are unchanged.
     assert after["no_update"] == before
     assert after["rl"] >= before + 0.25, (before, after)
