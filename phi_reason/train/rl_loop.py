@@ -9,8 +9,9 @@ One RL step (`RLLoop.step`):
 3. score each group (composite reward), drop groups per the filters (dynamic sampling: zero
    reward variance; prompt filter: pass rate), and sample more prompts to refill when asked;
 4. group-relative advantages, then `rl.mu` passes of minibatch updates with the trainer's
-   `make_pg_step` (minibatches of `train.batch_size` rows; a short last minibatch is padded with
-   empty rows that carry no loss).
+   `make_pg_step` (minibatches of `train.batch_size` rows; a short last minibatch, left when
+   filters kept fewer groups, is padded with empty rows that carry no loss but still count in the
+   per-sequence mean, so a partial minibatch takes a proportionally smaller step).
 
 Old log-probs (choice documented): by default they are recomputed by the trainer's forward pass,
 which is exact for any number of minibatches and epochs (after the first update the policy has

@@ -118,7 +118,7 @@ def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=No
     stops = format_stop_ids(run.data.chat_format, tok)
     dump_run_config(run, str(out.with_name(out.name + ".config.yaml")))
     start = _read_progress(partial, progress) if resume else 0
-    if not resume:
+    if start == 0:
         partial.write_text("")
     n_pairs = sum(1 for _ in open(partial))
     stats = {"prompts": 0, "completions": 0, "correct": 0, "prompts_with_pair": 0}
