@@ -128,6 +128,8 @@ def main():
         print(f"\nOrbax checkpoint on disk: {du(orb) / 1e9:.2f} GB")
         _, _, out = run_child([py, "-c", COMPARE.format(a=hf, b=hf2)])
         print(f"round trip HF -> Orbax -> HF: {out.strip()}")
+        print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+              f"(1/5/15 min, {os.cpu_count()} cores)")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

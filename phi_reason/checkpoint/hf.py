@@ -20,7 +20,7 @@ from ..model.config import ConfigError, ModelConfig
 from ..model.params import flatten_params, param_specs, unflatten_params
 from .common import (CheckpointError, atomic_output_dir, dtype_name, parse_size,
                      resolve_dtype)
-from .layout import from_hf_block, hf_tensor_shapes, leaf_pieces, to_hf_block
+from .layout import hf_tensor_shapes, hf_view, leaf_pieces, row_chunks
 from .safetensors_io import SafetensorsFile, SafetensorsWriter
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -143,17 +143,21 @@ class HFCheckpoint:
         return dtypes.pop()
 
     def read_leaf(self, path: Tuple[str, ...], dtype=None) -> np.ndarray:
-        """One leaf in our layout; the stacked destination is allocated once, filled per layer."""
+        """One leaf in our layout. The destination is allocated once and filled in row chunks
+        of each HF tensor (transposed / cast on the way in), so the only memory beyond the leaf
+        is one chunk."""
         spec = param_specs(self.cfg)[path]
         out = np.empty(spec.shape, resolve_dtype(dtype) or self.stored_dtype(path))
         for p in leaf_pieces(spec):
-            block = self.file_of[p.hf_name].read_rows(p.hf_name, p.row_start,
-                                                      p.row_start + p.hf_block_shape[0])
-            x = from_hf_block(spec, block)
-            if p.layer is None:
-                out[...] = x
-            else:
-                out[p.layer] = x
+            st = self.file_of[p.hf_name]
+            dst = hf_view(spec, out if p.layer is None else out[p.layer])
+            direct = dst.flags.c_contiguous and dst.dtype == st.entries[p.hf_name].dtype
+            for r0, r1 in row_chunks(p.hf_block_shape, dst.dtype.itemsize):
+                rows = (p.row_start + r0, p.row_start + r1)
+                if direct:  # same layout and dtype: read straight into the leaf
+                    st.read_rows(p.hf_name, *rows, out=dst[r0:r1])
+                else:
+                    dst[r0:r1] = st.read_rows(p.hf_name, *rows)
         return out
 
     def iter_leaves(self, dtype=None) -> Iterator[Leaf]:
@@ -270,11 +274,15 @@ def write_hf(cfg: ModelConfig, leaf_dtypes: Mapping[Tuple[str, ...], np.dtype],
                     raise CheckpointError(f"leaf {'/'.join(path)} has shape {leaf.shape}, config "
                                           f"implies {spec.shape}")
                 for p in leaf_pieces(spec):
-                    x = leaf if p.layer is None else leaf[p.layer]
-                    block = to_hf_block(spec, x).astype(hf_dtype[p.hf_name], copy=False)
-                    where[p.hf_name].write(p.hf_name, p.row_start, block)
+                    src = hf_view(spec, leaf if p.layer is None else leaf[p.layer])
+                    dt = hf_dtype[p.hf_name]
+                    for r0, r1 in row_chunks(p.hf_block_shape, dt.itemsize):
+                        # transposes / casts one chunk at a time (no copy if already laid out)
+                        rows = np.ascontiguousarray(src[r0:r1], dtype=dt)
+                        where[p.hf_name].write(p.hf_name, p.row_start + r0, rows)
+                        del rows
                     if progress:
-                        progress(p.hf_name, block.nbytes)
+                        progress(p.hf_name, src.size * dt.itemsize)
                 seen.add(path)
                 del leaf
             if seen != set(specs):

@@ -17,6 +17,9 @@ from ..model.config import ModelConfig
 from ..model.params import ParamSpec, param_specs
 
 
+CHUNK_BYTES = 32 * 2**20  # rows moved per read/write: small next to any leaf, large for I/O
+
+
 @dataclasses.dataclass(frozen=True)
 class Piece:
     """One layer (or the whole leaf, layer None) of a leaf: its rows inside an HF tensor."""
@@ -56,19 +59,30 @@ def hf_block_shape(spec: ParamSpec) -> Tuple[int, ...]:
     return layer_shape(spec)
 
 
-def to_hf_block(spec: ParamSpec, x: np.ndarray) -> np.ndarray:
-    """One layer of a leaf (our layout) -> its block in HF layout, C-contiguous."""
+def hf_view(spec: ParamSpec, x: np.ndarray) -> np.ndarray:
+    """One layer of a leaf (our layout) seen in HF layout; a view when `x` is C-contiguous (a
+    fresh `np.empty` destination always is), else a copy (fine for reading from it only).
+
+    Rows of the view are rows of the HF block, so a block can be moved in row chunks in either
+    direction (`view[r0:r1] = rows` to read, `rows = view[r0:r1]` to write) without ever
+    materialising a transposed copy of a whole leaf.
+    """
     if _is_linear(spec):
         n_in, n_out = _in_out(spec)
-        return np.ascontiguousarray(x.reshape(n_in, n_out).T)
-    return np.ascontiguousarray(x)
+        view = x.reshape(n_in, n_out).T
+    else:
+        view = x.reshape(hf_block_shape(spec))
+    return view
 
 
-def from_hf_block(spec: ParamSpec, block: np.ndarray) -> np.ndarray:
-    """Inverse of `to_hf_block`: HF-layout block -> one layer of the leaf (a view if possible)."""
-    if _is_linear(spec):
-        return block.T.reshape(layer_shape(spec))
-    return block.reshape(layer_shape(spec))
+def row_chunks(block_shape: Tuple[int, ...], itemsize: int,
+               max_bytes: int = CHUNK_BYTES) -> List[Tuple[int, int]]:
+    """[start, stop) row ranges of an HF block, each at most `max_bytes` (at least one row):
+    the unit in which tensors move between files and leaves (bounds staging memory)."""
+    rows = block_shape[0] if block_shape else 1
+    row_bytes = int(np.prod(block_shape[1:])) * itemsize if len(block_shape) > 1 else itemsize
+    step = max(1, max_bytes // max(row_bytes, 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
 def leaf_pieces(spec: ParamSpec) -> List[Piece]:

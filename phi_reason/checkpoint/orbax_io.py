@@ -8,7 +8,9 @@ Layout (what `ocp.CheckpointManager(root)` sees as step `<step>`)::
 The "state" item holds `{"params": ...}` so that a converted checkpoint and a training checkpoint
 whose state item also has a "params" subtree (plus optimizer state) are read the same way: we
 restore only the "params" subtree (`partial_restore`). Saving uses Orbax's partial-save API one
-leaf at a time, so host memory holds one leaf, never the whole model.
+leaf at a time, so host memory holds one leaf, never the whole model. Measured peak beyond the
+Python/JAX baseline: reading a leaf costs the leaf; writing costs about two (TensorStore stages
+the whole array while writing it into OCDBT) -- see benchmarks/results/convert_memory_cpu.md.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 
 from ..model.config import ModelConfig
 from ..model.params import flatten_params, param_specs, unflatten_params
-from .common import CheckpointError, atomic_output_dir, resolve_dtype
+from .common import CheckpointError, atomic_output_dir, release_freed_memory, resolve_dtype
 
 STATE_ITEM = "state"
 PARAMS_KEY = "params"
@@ -48,6 +50,10 @@ def _save_context():
     ctx = v1.Context()
     ctx.array.saving.use_compression = False  # weights barely compress; zstd costs throughput
     ctx.array.saving.storage_options.chunk_byte_size = CHUNK_BYTES
+    # The default deep-copies every host array before writing (a guard for async saves whose
+    # caller might mutate it): a second copy of each leaf. Our saves are synchronous and never
+    # touch a leaf after handing it over.
+    ctx.memory_options.deepcopy_host_arrays = False
     return ctx
 
 
@@ -73,6 +79,7 @@ def save_orbax(cfg: ModelConfig, leaves: Iterable[Leaf], out, step: int = 0,
                 if progress:
                     progress("/".join(path), int(np.prod(leaf.shape)) * leaf.dtype.itemsize)
                 del leaf
+                release_freed_memory()
             if seen != set(specs):
                 raise CheckpointError(f"leaves missing: {sorted(set(specs) - seen)[:3]}")
             partial.finalize(step_dir)
@@ -154,16 +161,25 @@ def _restore(step_dir, abstract: dict, restore_args: dict) -> dict:
     return restored[STATE_ITEM][PARAMS_KEY]
 
 
+def _leaf_at(tree: dict, path: Tuple[str, ...]):
+    # Not flatten_params: its recursive closure is a reference cycle that keeps the flat dict,
+    # and so the leaf, alive until the next garbage collection (one more leaf of RSS per leaf).
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
 def iter_orbax_leaves(step_dir, cfg: ModelConfig, dtype=None) -> Iterator[Leaf]:
     """Host numpy leaves, one at a time (each restore reads only that leaf)."""
     ocp = _ocp()
     want = resolve_dtype(dtype)
     for path, spec in param_specs(cfg).items():
-        leaf = flatten_params(_restore(
+        leaf = _leaf_at(_restore(
             step_dir, unflatten_params({path: 0}),
-            unflatten_params({path: ocp.RestoreArgs(restore_type=np.ndarray, dtype=want)})))[path]
+            unflatten_params({path: ocp.RestoreArgs(restore_type=np.ndarray, dtype=want)})), path)
         yield path, leaf
         del leaf  # before the next restore: at most one leaf alive at a time
+        release_freed_memory()
 
 
 def restore_orbax(path, shardings: Optional[dict] = None, dtype=None,

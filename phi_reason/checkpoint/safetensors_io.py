@@ -74,13 +74,20 @@ class SafetensorsFile:
         assert set(self.entries) == names, "our header parse disagrees with safetensors"
         self._fd: Optional[int] = None
 
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of tensor `name` (first axis), read without mapping the file."""
+    def read_rows(self, name: str, start: int, stop: int,
+                  out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Rows [start, stop) of tensor `name` (first axis), read without mapping the file;
+        into `out` when given (C-contiguous, the stored dtype, the rows' shape)."""
         e = self.entries[name]
         row_elems = int(np.prod(e.shape[1:])) if len(e.shape) > 1 else 1
         if len(e.shape) == 0:
             start, stop = 0, 1
-        out = np.empty((stop - start,) + tuple(e.shape[1:]), e.dtype)
+        shape = (stop - start,) + tuple(e.shape[1:])
+        if out is None:
+            out = np.empty(shape, e.dtype)
+        elif out.shape != shape or out.dtype != e.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"read_rows({name}): destination {out.shape} {out.dtype} is not a "
+                             f"contiguous {shape} {e.dtype} buffer")
         offset = self.data_start + e.begin + start * row_elems * e.dtype.itemsize
         _pread_into(self._fileno(), memoryview(out.reshape(-1).view(np.uint8)), offset,
                     self.path, name)
