@@ -163,7 +163,15 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--out", help="also write the markdown table here")
+    ap.add_argument("--trainer", action="store_true",
+                    help="also run the step through the full trainer (grain data, JSONL + "
+                         "TensorBoard + progress bar, checkpoint manager) and report its overhead "
+                         "over the bare step (benchmarks/trainer_overhead.py)")
     args = ap.parse_args(argv)
+    if args.trainer:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import trainer_overhead
+        trainer_overhead.main(["--size", "tiny"])
     results = []
     for name in args.only or ["30m", "0.5m"]:
         r = bench(name, args.runs, attention=args.attention)

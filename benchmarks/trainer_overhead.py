@@ -27,6 +27,7 @@ from phi_reason.config import load_run_config
 from phi_reason.train import loop
 from phi_reason.train.steps import make_sft_step
 
+TINY_SFT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny_sft.yaml")
 SIZES = {
     # ModelConfig overrides on the "tiny" preset, seq_len, batch
     "tiny": ({}, 256, 8),
@@ -53,7 +54,7 @@ def run_config(size: str, data: str, out: str, steps: int):
           f"train.steps={steps}", f"output.dir={out}", f"output.save_every={10 ** 9}",
           "output.tensorboard=true", "output.progress=true", "data.packed=true"]
     kv += [f"model.overrides.{k}={json.dumps(v)}" for k, v in over.items()]
-    return load_run_config("configs/tiny_sft.yaml", kv)
+    return load_run_config(TINY_SFT, kv)
 
 
 class Timer:
