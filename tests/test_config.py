@@ -86,3 +86,12 @@ def test_paper_configs_carry_the_paper_values():
     assert pathlib.Path(dpo.model.path) == pathlib.Path(sft.output.dir) / "final"
     for name in ("tiny_sft.yaml", "tiny_dpo.yaml"):
         load_run_config(str(CONFIGS / name))
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo"])
+def test_cli_reports_config_errors_in_one_line(command, capsys):
+    from phi_reason.cli import main
+    rc = main([command, str(CONFIGS / f"tiny_{command}.yaml"), "train.lrr=1e-3"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "unknown key 'train.lrr'; did you mean 'train.lr'?" in err and "Traceback" not in err
