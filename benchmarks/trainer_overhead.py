@@ -27,7 +27,8 @@ from phi_reason.config import load_run_config
 from phi_reason.train import loop
 from phi_reason.train.steps import make_sft_step
 
-TINY_SFT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "tiny_sft.yaml")
+TINY_SFT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
+                        "tiny_sft.yaml")
 SIZES = {
     # ModelConfig overrides on the "tiny" preset, seq_len, batch
     "tiny": ({}, 256, 8),

@@ -297,7 +297,8 @@ def load_run_config(path: Optional[str] = None, overrides: Sequence[str] = (), s
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise RunConfigError(f"{where}: top level must be a mapping, got {type(loaded).__name__}")
+            raise RunConfigError(
+                f"{where}: top level must be a mapping, got {type(loaded).__name__}")
         tree = loaded
     for text in overrides or ():
         key, value = parse_override(text)

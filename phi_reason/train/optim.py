@@ -2,7 +2,6 @@
 weight-decay mask derived from the parameter declarations (no decay on norm weights)."""
 from __future__ import annotations
 
-import jax
 import optax
 
 from ..model.config import ModelConfig
