@@ -133,7 +133,8 @@ def describe_machine() -> str:
     return (f"{cpu}, {os.cpu_count()} cores visible, {THREADS} threads; python "
             f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
             f"torch {torch.__version__}, transformers {transformers.__version__}; "
-            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average at the end "
+            f"{os.getloadavg()[0]:.1f} (other processes share these cores)")
 
 
 def render(results, machine: str) -> str:
