@@ -119,14 +119,15 @@ class RLLoop:
         from .optim import make_optimizer
 
         config.validate()
+        if config.train.steps is None:  # the lr schedule's length: every update of the run
+            steps = optimizer_steps or config.rl.steps * config.updates_per_step()
+            config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
         self.config, self.rl, self.model_cfg = config, config.rl, model_cfg
         self.tokenizer, self.stop_ids, self.mesh = tokenizer, tuple(stop_ids), mesh
         self.grader = grader  # a GraderPool (or anything with .submit(prediction, gold, mode))
         self.reward_fn = make_reward_fn(config.reward_specs())
         self.temperature = self.rl.temperature.build()
         self.prompts = PromptIterator(prompts, seed=self.rl.seed)
-        if config.train.steps is None:
-            config.train.steps = optimizer_steps or self.rl.steps * config.updates_per_step()
         optimizer, _ = make_optimizer(config.train, model_cfg)
         beta = config.train.pg.beta
         ref = None
