@@ -124,7 +124,8 @@ def main(argv=None):
     dev = jax.devices()[0]
     text = (f"# Trainer overhead vs the bare step\n\nDevice: {dev.device_kind} ({dev.platform}) "
             f"x{jax.device_count()}, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs visible; jax {jax.__version__}\n\n"
+            f"{os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f} at the end; "
+            f"jax {jax.__version__}\n\n"
             f"Model size `{args.size}` (seq {SIZES[args.size][1]}, batch {SIZES[args.size][2]}, "
             f"packed grain pipeline, JSONL + TensorBoard + tqdm on), {n} timed steps, median of "
             f"{args.repeats} alternating repeats.\n\n"
