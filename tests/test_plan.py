@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from phi_reason import cli
 from phi_reason.model.config import ModelConfig
 from phi_reason.model.decoder import forward
 from phi_reason.model.params import abstract_params
@@ -67,10 +68,10 @@ def test_phi4_json_breakdown_is_consistent():
 
 
 def test_json_flag_prints_one_object(capsys):
-    planner.main(model="phi-4-mini", mesh="data=2,fsdp=4,tensor=1", batch=16, seq=4096,
-                 remat="full", accelerator="v5p", param_dtype="bfloat16",
-                 compute_dtype="bfloat16", optimizer_dtype="float32", rollout_batch=32,
-                 json=True)
+    rc = cli.main(["plan", "--model", "phi-4-mini", "--mesh", "data=2,fsdp=4,tensor=1",
+                   "--batch", "16", "--seq", "4096", "--remat", "full", "--accelerator", "v5p",
+                   "--param-dtype", "bfloat16", "--rollout-batch", "32", "--json"])
+    assert rc == 0
     d = json.loads(capsys.readouterr().out)
     for key in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes",
                 "total_bytes", "fits", "kv_cache_bytes", "logits_bytes"):
@@ -107,8 +108,14 @@ def test_bad_plan_inputs_name_the_problem():
         planner.plan_memory(PHI4, {"data": 1, "fsdp": 16, "tensor": 4}, batch=6, seq=128)
     with pytest.raises(MeshError, match="unknown accelerator 'a100'"):
         planner.plan_memory(PHI4, {"fsdp": 16}, batch=16, seq=128, accelerator="a100")
-    with pytest.raises(MeshError, match="-1 axis; give --devices"):
-        planner.main(model="phi-4", mesh="data=1,fsdp=-1", batch=8)
+
+def test_cli_errors_are_one_line(capsys):
+    assert cli.main(["plan", "--model", "phi-4", "--mesh", "data=1,fsdp=-1"]) == 2
+    assert "-1 axis; give --devices" in capsys.readouterr().err
+    assert cli.main(["plan", "--model", "phi-4", "--mesh", "data=1,fsdp=3,tensor=1",
+                     "--batch", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'embed' of size 5120" in err and "fsdp=3" in err
 
 
 # --------------------------------------------------------------- calibration against XLA

@@ -25,9 +25,10 @@ from phi_reason.sharding.rules import (activation_constraint, batch_sharding, ch
                                        param_partition_specs, param_shardings, replicated,
                                        spec_for)
 
-# Dims divisible by 8 where a mesh axis of 8 shards them.
+# Dims divisible by 8 where a mesh axis of 8 shards them; 2 KV heads so that tensor=4 exercises
+# the GQA policy (KV projections replicated along tensor) inside the equivalence test.
 CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=8,
                   max_position_embeddings=64, original_max_position_embeddings=64,
                   attention="reference")
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 2, 4), (2, 2, 2)]
@@ -54,7 +55,10 @@ EXPECTED_AXES = {
 
 def expected_spec(path, mesh_shape):
     sizes = dict(zip(("data", "fsdp", "tensor"), mesh_shape))
-    return P(*(a if a is not None and sizes[a] > 1 else None for a in EXPECTED_AXES[path]))
+    axes = EXPECTED_AXES[path]
+    if path[-1] in ("wk", "wv") and CFG.num_key_value_heads % sizes["tensor"]:
+        axes = (None, "fsdp", None, None)  # GQA policy: 2 KV heads cannot split 4 ways
+    return P(*(a if a is not None and sizes[a] > 1 else None for a in axes))
 
 
 def ce_loss(params, batch, constrain=None):
@@ -131,6 +135,7 @@ def assert_tree_close(actual, expected, what):
                                    err_msg=f"{what} {'/'.join(path)}")
 
 
+@pytest.mark.slow  # one XLA compile per mesh (~10 s CPU each)
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 def test_sharded_step_matches_single_device(mesh_shape, reference):
     ref_params, ref_new_params, ref_metrics = reference
@@ -161,9 +166,12 @@ def test_sharded_step_matches_single_device(mesh_shape, reference):
         assert x.sharding.spec == expected_spec(path, mesh_shape), ("mu",) + path
 
 
+@pytest.mark.slow  # init_params compiles slowly on CPU (twice here: sharded and not)
 def test_sharded_init_is_born_sharded_and_equals_init_params():
+    # vocab 4096: embed and lm_head (1 MiB each) outweigh all per-device shards together
+    cfg = CFG.replace(vocab_size=4096)
     mesh = make_mesh(1, 8, 1)
-    compiled = sharded_init_fn(CFG, mesh).lower(jax.random.key(1)).compile()
+    compiled = sharded_init_fn(cfg, mesh).lower(jax.random.key(1)).compile()
     params = compiled(jax.random.key(1))
     leaves = jax.tree_util.tree_leaves(params)
     total = sum(x.nbytes for x in leaves)
@@ -173,38 +181,33 @@ def test_sharded_init_is_born_sharded_and_equals_init_params():
                     if s.device == dev)
         assert local * 8 == total, (dev, local, total)
     # never materialised whole: XLA's per-device program outputs 1/8 of the bytes (plus one
-    # 8-byte buffer pointer per output) and its scratch is smaller than the largest parameter
+    # 8-byte buffer pointer per output), and its scratch (random bits etc.) is smaller than
+    # one whole embedding table, which generating it unsharded would need
     mem = compiled.memory_analysis()
     assert total // 8 <= mem.output_size_in_bytes <= total // 8 + 8 * len(leaves)
-    assert mem.temp_size_in_bytes < max(x.nbytes for x in leaves), mem.temp_size_in_bytes
+    assert mem.temp_size_in_bytes < params["embed"].nbytes, mem.temp_size_in_bytes
     for x, spec in zip(leaves, jax.tree_util.tree_leaves(
-            param_partition_specs(CFG, mesh), is_leaf=lambda s: isinstance(s, P))):
+            param_partition_specs(cfg, mesh), is_leaf=lambda s: isinstance(s, P))):
         assert x.sharding.spec == spec
     # and the values are init_params' values (same key, no sharding)
     assert_tree_close(jax.device_get(params),
-                      jax.device_get(jax.jit(lambda k: init_params(CFG, k))(jax.random.key(1))),
+                      jax.device_get(jax.jit(lambda k: init_params(cfg, k))(jax.random.key(1))),
                       "sharded init")
 
 
 def test_gqa_kv_heads_replicated_when_tensor_axis_larger(caplog, monkeypatch):
-    cfg = CFG.replace(num_key_value_heads=2)
+    # (the sharded step on mesh 1x2x4 above runs this layout and matches one device)
     monkeypatch.setattr(rules, "_warned", set())  # the warning is logged once per layout
     with caplog.at_level(logging.WARNING, logger="phi_reason.sharding.rules"):
-        specs = flatten_params(param_partition_specs(cfg, {"data": 1, "fsdp": 2, "tensor": 4}))
+        specs = flatten_params(param_partition_specs(CFG, {"data": 1, "fsdp": 2, "tensor": 4}))
     assert specs[("layers", "wk")] == P(None, "fsdp", None, None)
     assert specs[("layers", "wv")] == P(None, "fsdp", None, None)
     assert specs[("layers", "wq")] == P(None, "fsdp", "tensor", None)
     assert any("kv_heads=2" in r.getMessage() and "replicating" in r.getMessage()
                for r in caplog.records)
-    # and the forward pass is still exact with that layout
-    mesh = make_mesh(1, 2, 4)
-    params = jax.device_put(random_params(cfg, 2), param_shardings(cfg, mesh))
-    assert params["layers"]["wk"].sharding.spec == P(None, "fsdp", None, None)
-    batch = make_batch(1)
-    sharded = jax.jit(lambda p, t: forward(p, t, cfg, constrain=activation_constraint(mesh)))(
-        params, jax.device_put(batch["tokens"], batch_sharding(mesh)))
-    single = jax.jit(lambda p, t: forward(p, t, cfg))(jax.device_get(params), batch["tokens"])
-    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), rtol=1e-5, atol=1e-6)
+    # divisible: KV heads split like the query heads
+    specs = flatten_params(param_partition_specs(CFG, {"data": 1, "fsdp": 4, "tensor": 2}))
+    assert specs[("layers", "wk")] == P(None, "fsdp", "tensor", None)
 
 
 @pytest.mark.parametrize("sizes, cfg_kw, must_say", [

@@ -42,7 +42,8 @@ def parse_mesh(text: str) -> Dict[str, int]:
         try:
             sizes[name] = int(value)
         except ValueError:
-            raise MeshError(f"mesh axis {name!r}: size {value.strip()!r} is not an integer") from None
+            raise MeshError(f"mesh axis {name!r}: size {value.strip()!r} is not an integer"
+                            ) from None
     return sizes
 
 

@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import json as jsonlib
 import math
+import sys
 from typing import Dict, List, Optional
 
 import jax
@@ -41,7 +42,7 @@ import numpy as np
 from jax._src.ad_checkpoint import saved_residuals  # no public equivalent that returns values
 
 from ..model import decoder
-from ..model.config import REMAT_POLICIES, ModelConfig
+from ..model.config import REMAT_POLICIES, ConfigError, ModelConfig
 from ..model.params import param_specs
 from ..model.rope import rope_tables
 from .mesh import MESH_AXES, MeshError, parse_mesh, resolve_axis_sizes
@@ -323,7 +324,18 @@ def format_plan(plan: MemoryPlan) -> str:
 def main(model, mesh=None, devices=None, batch=1, seq=4096, remat="full", accelerator="h100",
          param_dtype="float32", compute_dtype="bfloat16", optimizer_dtype="float32",
          rollout_batch=0, json=False) -> int:
-    """`phi-reason plan`: print the per-device plan (or a suggested mesh for --devices)."""
+    """`phi-reason plan`: print the per-device plan (or a suggested mesh for --devices).
+    Returns 0, or 2 with a one-line error on stderr for a bad model / mesh / batch."""
+    try:
+        return _main(model, mesh, devices, batch, seq, remat, accelerator, param_dtype,
+                     compute_dtype, optimizer_dtype, rollout_batch, json)
+    except (MeshError, ConfigError, FileNotFoundError) as e:
+        print(f"phi-reason plan: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(model, mesh, devices, batch, seq, remat, accelerator, param_dtype, compute_dtype,
+          optimizer_dtype, rollout_batch, json) -> int:
     cfg = _load_model(model)
     kw = dict(remat=remat, accelerator=accelerator, param_dtype=param_dtype,
               compute_dtype=compute_dtype, optimizer_dtype=optimizer_dtype,
