@@ -148,6 +148,8 @@ class MeshSection:
     data: int = 1
     fsdp: int = -1  # -1: all remaining devices
     tensor: int = 1
+    dcn_data: int = 1  # multi-slice / multi-host: data-parallel replicas across slices (DCN)
+    dcn_fsdp: int = 1  # FSDP sharding across slices (DCN)
 
 
 @dataclasses.dataclass

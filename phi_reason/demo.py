@@ -167,7 +167,6 @@ def run_stages(spec: dict, out: Path, log=print) -> list:
     from .eval.pool import GraderPool
     from .train.loop import run_dpo, run_sft
     from .train.rl import run_rl
-    from .train.rollout_dpo import run_rollout_dpo
 
     out.mkdir(parents=True, exist_ok=True)
     files = write_data(spec["task"], int(spec.get("seed", 0)), out / "data")
@@ -180,10 +179,9 @@ def run_stages(spec: dict, out: Path, log=print) -> list:
             t0 = time.time()
             if stage == "base":
                 model = _save_base(spec, out)
+            elif stage == "dpo" and not _rollout_pairs(spec, out, model, files, log):
+                pass  # no (correct, incorrect) pair was sampled: the stage keeps the SFT model
             else:
-                if stage == "dpo":
-                    rc = run_rollout_dpo(str(_stage_config(spec, "rollout", out, model, files)))
-                    _check(rc, "rollout")
                 runner = {"midtrain": run_sft, "sft": run_sft, "dpo": run_dpo, "rl": run_rl}[stage]
                 _check(runner(str(_stage_config(spec, stage, out, model, files))), stage)
                 model = out / stage / "final"
@@ -197,6 +195,17 @@ def run_stages(spec: dict, out: Path, log=print) -> list:
             log(f"{stage}: held-out accuracy {row['accuracy']:.3f}, mean response "
                 f"{row['mean_response_tokens']:.1f} tokens, {train_time:.0f}s")
     return results
+
+
+def _rollout_pairs(spec: dict, out: Path, model: Path, files: dict, log) -> int:
+    """Rollout DPO data from the current model; returns the number of pairs written."""
+    from .train.rollout_dpo import run_rollout_dpo
+
+    _check(run_rollout_dpo(str(_stage_config(spec, "rollout", out, model, files))), "rollout")
+    pairs = sum(1 for _ in open(out / "rollout" / "pairs.jsonl"))
+    if not pairs:
+        log("dpo: the SFT model's samples gave no (correct, incorrect) pair; DPO is skipped")
+    return pairs
 
 
 def _check(rc: int, stage: str) -> None:

@@ -197,6 +197,8 @@ def initialize_distributed(coordinator: Optional[str] = None, num_processes: Opt
         raise MeshError(f"distributed init mode must be 'auto', 'tpu' or 'off', got {mode!r}")
     if kwargs is None:
         return chosen
+    if jax.distributed.is_initialized():  # a second stage in the same process
+        return chosen
     log.info("jax.distributed.initialize via %s: %s", chosen, kwargs)
     jax.distributed.initialize(**kwargs)
     log.info("process %d of %d; %d local / %d global devices", jax.process_index(),

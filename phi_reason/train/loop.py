@@ -267,7 +267,10 @@ class Trainer:
 def build_mesh(run: RunConfig):
     if not run.mesh.enabled:
         return None
-    from ..sharding.mesh import mesh_from_config
+    from ..sharding.mesh import initialize_distributed, mesh_from_config
+    # Multi-host jobs (SLURM, TPU pods, explicit JAX_COORDINATOR_ADDRESS): start the runtime
+    # before the mesh asks for the global device list; a no-op on one process.
+    initialize_distributed()
     return mesh_from_config(run.mesh)
 
 
