@@ -76,9 +76,11 @@ def hf_view(spec: ParamSpec, x: np.ndarray) -> np.ndarray:
 
 
 def row_chunks(block_shape: Tuple[int, ...], itemsize: int,
-               max_bytes: int = CHUNK_BYTES) -> List[Tuple[int, int]]:
-    """[start, stop) row ranges of an HF block, each at most `max_bytes` (at least one row):
-    the unit in which tensors move between files and leaves (bounds staging memory)."""
+               max_bytes: Optional[int] = None) -> List[Tuple[int, int]]:
+    """[start, stop) row ranges of an HF block, each at most `max_bytes` (default CHUNK_BYTES,
+    read at call time; at least one row): the unit in which tensors move between files and
+    leaves (bounds staging memory)."""
+    max_bytes = CHUNK_BYTES if max_bytes is None else max_bytes
     rows = block_shape[0] if block_shape else 1
     row_bytes = int(np.prod(block_shape[1:])) * itemsize if len(block_shape) > 1 else itemsize
     step = max(1, max_bytes // max(row_bytes, 1))
