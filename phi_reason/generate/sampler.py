@@ -2,7 +2,7 @@
 
 `generate(params, cfg, prompts, ...)` runs any number of prompts through a fixed number of batch
 *slots*. Each slot holds one prompt's state in device arrays of static shape ([slots, S] tokens,
-the [L, slots, S, nKV, hd] cache), so nothing recompiles while the work changes:
+the [L, slots, nKV, S, hd] cache), so nothing recompiles while the work changes:
 
 1. Free slots are filled by a jitted *prefill* of the waiting prompts (right-padded to a
    power-of-two length bucket, grouped per bucket; the group size is padded to a power of two too),
@@ -204,7 +204,7 @@ def _state_sharding(mesh, cfg: ModelConfig):
     heads = "tensor" if ("tensor" in mesh.axis_names
                          and cfg.num_key_value_heads % mesh.shape["tensor"] == 0) else None
     rows = NamedSharding(mesh, P(b))
-    cache = NamedSharding(mesh, P(None, b, None, heads, None))
+    cache = NamedSharding(mesh, P(None, b, heads, None, None))
     return SlotState(KVCache(cache, cache), NamedSharding(mesh, P(b, None)),
                      NamedSharding(mesh, P(b, None)), rows, rows, rows, rows, rows, rows, rows)
 

@@ -58,7 +58,9 @@ def layer_output(lp, x, attn, cfg: ModelConfig):
     """Output projection + residual, then the SwiGLU MLP block + residual."""
     dt = jnp.dtype(cfg.dtype)
     attn = checkpoint_name(attn, "attn_out")
-    x = x + jnp.einsum("btnd,ndh->bth", attn, lp["wo"].astype(dt))
+    # Contract (heads, head_dim) in storage order: jnp.einsum lists them as (head_dim, heads),
+    # which makes XLA CPU transpose `wo` on every call (a full weight copy per decode step).
+    x = x + lax.dot_general(attn, lp["wo"].astype(dt), (((2, 3), (0, 1)), ((), ())))
     h = rms_norm(x, lp["ln2"], cfg.rms_norm_eps)
     gate = jnp.einsum("bth,hi->bti", h, lp["w_gate"].astype(dt))
     up = jnp.einsum("bth,hi->bti", h, lp["w_up"].astype(dt))

@@ -3,7 +3,11 @@
 The per-layer math is the decoder's own (`attention_inputs`, `layer_output`, `embed_tokens`,
 `logits_from_hidden`); this module only decides where keys and values live:
 
-    k, v: [L, B, S, nKV, hd]   layers stacked, one row per batch slot, S = static capacity
+    k, v: [L, B, nKV, S, hd]   layers stacked, one row per batch slot, S = static capacity
+
+Head-major (nKV before S) so that single-query decode attention contracts over the cache in its
+storage layout: with [B, S, nKV, hd] XLA transposes every layer's whole cache on every step, which
+at batch 32 cost more memory traffic than the weights (measured on CPU).
 
 K is stored after RoPE (as in HF), so a cached key never needs re-rotating. A row's cache entries
 beyond its current position hold stale values from an earlier occupant or prompt padding; they are
@@ -21,19 +25,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .attention import attention
+from .attention import MASK_VALUE, attention
 from .config import ModelConfig
 from .decoder import attention_inputs, embed_tokens, layer_output, logits_from_hidden
 from .rope import rope_tables
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [L, B, S, nKV, hd]
+    k: jax.Array  # [L, B, nKV, S, hd]
     v: jax.Array
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
     dtype = jnp.dtype(dtype or cfg.dtype)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
@@ -87,10 +91,34 @@ def prefill(params, cfg: ModelConfig, tokens, lengths, use_long):
 
 
 def write_rows(cache: KVCache, slots, k, v) -> KVCache:
-    """Store prefill keys/values k, v [L, n, T, ...] into cache rows `slots` [n], positions 0..T-1."""
+    """Store prefill keys/values k, v [L, n, T, nKV, hd] into cache rows `slots` [n] at
+    positions 0..T-1."""
     t = k.shape[2]
-    return KVCache(cache.k.at[:, slots, :t].set(k.astype(cache.k.dtype)),
-                   cache.v.at[:, slots, :t].set(v.astype(cache.v.dtype)))
+
+    def put(c, x):
+        return c.at[:, slots, :, :t].set(jnp.swapaxes(x, 2, 3).astype(c.dtype))
+
+    return KVCache(put(cache.k, k), put(cache.v, v))
+
+
+def decode_attention(q, k, v, positions):
+    """Single-query attention over a head-major cache layer.
+
+    q [B, 1, nH, hd]; k, v [B, nKV, S, hd]; row b sees cache slots 0..positions[b]. Same math as
+    `attention.reference_attention` (scale hd^-0.5, float32 softmax, GQA groups), contracted in the
+    cache's layout so no copy of the cache is made.
+    """
+    b, _, nh, hd = q.shape
+    n_kv, s = k.shape[1], k.shape[2]
+    qg = q.reshape(b, n_kv, nh // n_kv, hd)  # query head j*g + i -> KV head j
+    scores = jnp.einsum("bkgd,bksd->bkgs", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (hd ** -0.5)
+    visible = jnp.arange(s, dtype=jnp.int32)[None, :] <= positions[:, None]  # [B, S]
+    scores = jnp.where(visible[:, None, None, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgs,bksd->bkgd", probs, v.astype(q.dtype),
+                     preferred_element_type=jnp.float32)
+    return out.reshape(b, 1, nh, hd).astype(q.dtype)
 
 
 def decode_step(params, cfg: ModelConfig, cache: KVCache, tokens, positions, use_long):
@@ -100,23 +128,18 @@ def decode_step(params, cfg: ModelConfig, cache: KVCache, tokens, positions, use
     0..positions[b], and returns (logits [B, V] float32, cache).
     """
     b = tokens.shape[0]
-    s = cache.k.shape[2]
     rows = jnp.arange(b)
     pos = positions.astype(jnp.int32)[:, None]  # [B, 1]
     cos, sin = rope_tables(cfg, pos, use_long=_use_long(cfg, use_long))
     x = embed_tokens(params, tokens[:, None], cfg)  # [B, 1, H]
-    ones_q = jnp.ones((b, 1), jnp.int32)
-    ones_kv = jnp.ones((b, s), jnp.int32)
-    kv_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
 
     def layer(x, lp, i, kc, vc):
         q, k, v = attention_inputs(lp, x, cfg, cos, sin)
         # Scatter the new entry in place, then read the layer back: a copy-free update of the
         # carried cache (a [B]-row scatter, not a rewrite of the layer).
-        kc = kc.at[i, rows, positions].set(k[:, 0].astype(kc.dtype))
-        vc = vc.at[i, rows, positions].set(v[:, 0].astype(vc.dtype))
-        attn = attention(q, kc[i].astype(q.dtype), vc[i].astype(q.dtype), ones_q, ones_kv,
-                         pos, kv_index, impl=cfg.attention, block=cfg.attention_chunk)
+        kc = kc.at[i, rows, :, positions].set(k[:, 0].astype(kc.dtype))
+        vc = vc.at[i, rows, :, positions].set(v[:, 0].astype(vc.dtype))
+        attn = decode_attention(q, kc[i], vc[i], positions)
         return layer_output(lp, x, attn, cfg), kc, vc
 
     layers = params["layers"]
