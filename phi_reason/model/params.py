@@ -20,6 +20,7 @@ Layout (JAX, `x @ W` convention, layers stacked on axis 0):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Optional, Tuple
 
 import jax
@@ -106,8 +107,13 @@ def unflatten_params(flat: Dict[Tuple[str, ...], object]) -> dict:
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=None) -> dict:
-    """Random init: N(0, initializer_range) for matrices, ones for norms (as HF)."""
-    dtype = jnp.dtype(dtype or cfg.param_dtype)
+    """Random init: N(0, initializer_range) for matrices, ones for norms (as HF). One jitted
+    program (op-by-op eager init compiles every op separately and is slow on CPU)."""
+    return _init_params(cfg, key, jnp.dtype(dtype or cfg.param_dtype).name)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init_params(cfg: ModelConfig, key: jax.Array, dtype: str) -> dict:
     specs = param_specs(cfg)
     keys = jax.random.split(key, len(specs))
     flat = {}
