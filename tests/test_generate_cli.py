@@ -26,17 +26,18 @@ def model_dir(tmp_path_factory):
     return str(out / "model"), params
 
 
-def expected(params, texts):
+def expected(params, texts, num_slots):
     tok = load_tokenizer("char")
     ids = [tok.encode(t) for t in texts]
-    out = generate(params, CFG, ids, 12, temperature=0.7, seed=4, stop_tokens=tok.eos_ids)
+    out = generate(params, CFG, ids, 12, temperature=0.7, seed=4, stop_tokens=tok.eos_ids,
+                   num_slots=num_slots)
     return tok, out
 
 
 def test_single_prompt_streams_the_completion(model_dir, capsys):
     path, params = model_dir
     assert cli.main(["generate", "--model", path, "--prompt", "2+2=", *ARGS]) == 0
-    tok, out = expected(params, ["2+2="])
+    tok, out = expected(params, ["2+2="], 1)
     text = tok.decode([t for t in out.tokens[0] if t not in tok.eos_ids])
     captured = capsys.readouterr()
     assert captured.out == text + "\n"
@@ -51,7 +52,7 @@ def test_prompts_file_to_jsonl(model_dir, tmp_path):
     assert cli.main(["generate", "--model", path, "--prompts", str(src), "--output", str(dst),
                      "--batch-slots", "2", *ARGS]) == 0
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
-    tok, out = expected(params, texts)
+    tok, out = expected(params, texts, 2)
     assert [r["id"] for r in rows] == [0, 1, 2]
     for r, toks, lps, reason in zip(rows, out.tokens, out.logprobs, out.finish_reasons):
         assert r["token_ids"] == toks and r["finish_reason"] == reason
