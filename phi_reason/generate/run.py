@@ -8,9 +8,7 @@ added, in input order, to --output (written to a temporary file, renamed when co
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from typing import List, Optional
 
 NO_CHAT = (None, "", "none")
@@ -100,16 +98,10 @@ class _Streamer:
 
 
 def _write_atomically(path: str, lines: List[str]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".generate-", suffix=".jsonl.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from ..eval.files import atomic_open  # the package's one temp-then-rename writer
+
+    with atomic_open(path) as f:
+        f.writelines(lines)
 
 
 def main(model, prompt=None, prompts=None, output=None, chat_format=None, tokenizer=None,
