@@ -236,10 +236,10 @@ def bench_decode(cfg: ModelConfig, batches, context: int, steps: int, peak_bw):
     for b in batches:
         row = {"batch": b, "context": context, "steps": steps}
         try:
-            cache = init_cache(cfg, b, context + steps)
+            cache = init_cache(cfg, b, context + steps, per_layer=True)
             cache = jax.tree_util.tree_map(
                 lambda x: jax.random.normal(jax.random.PRNGKey(2), x.shape, x.dtype) * 0.1, cache)
-            kv_bytes = sum(x.nbytes for x in cache)
+            kv_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(cache))
 
             @jax.jit
             def run(params, cache, tokens):

@@ -66,10 +66,15 @@ def prompts():
     return [rng.integers(0, CFG.vocab_size, n).tolist() for n in PROMPT_LENGTHS]
 
 
-@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.8, top_p=0.9, top_k=50)],
-                         ids=["greedy", "sampled"])
-def test_logprobs_equal_forward_of_full_sequence(params, prompts, sampling):
-    out = generate(params, CFG, prompts, NEW, stop_tokens=(), seed=5, **sampling)
+@pytest.mark.parametrize("sampling,unroll", [(dict(), True),
+                                             (dict(temperature=0.8, top_p=0.9, top_k=50), True),
+                                             (dict(), False)],
+                         ids=["greedy", "sampled", "greedy-scanned-layers"])
+def test_logprobs_equal_forward_of_full_sequence(params, prompts, sampling, unroll):
+    """unroll=True: per-layer cache buffers (CPU default); False: the stacked cache under a
+    `lax.scan` over layers (the accelerator default with scan_layers)."""
+    out = generate(params, CFG, prompts, NEW, stop_tokens=(), seed=5, unroll_layers=unroll,
+                   **sampling)
     for p, toks, lps, reason in zip(prompts, out.tokens, out.logprobs, out.finish_reasons):
         assert len(toks) == len(lps) == NEW and reason == "length"
         ref = expected_logprobs(params, p, toks)

@@ -81,14 +81,14 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def init_state(cfg: ModelConfig, slots: int, max_len: int) -> SlotState:
+def init_state(cfg: ModelConfig, slots: int, max_len: int, per_layer: bool = False) -> SlotState:
     def ints():  # distinct buffers: the state is donated, so no two fields may share one
         return jnp.zeros((slots,), jnp.int32)
 
     def flags():
         return jnp.zeros((slots,), bool)
 
-    return SlotState(init_cache(cfg, slots, max_len), jnp.zeros((slots, max_len), jnp.int32),
+    return SlotState(init_cache(cfg, slots, max_len, per_layer=per_layer), jnp.zeros((slots, max_len), jnp.int32),
                      jnp.zeros((slots, max_len), jnp.float32), ints(), ints(), ints(), ints(),
                      flags(), flags(), flags())
 
@@ -196,7 +196,7 @@ def _batch_axes(mesh) -> tuple:
     return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
 
 
-def _state_sharding(mesh, cfg: ModelConfig):
+def _state_sharding(mesh, cfg: ModelConfig, per_layer: bool = False):
     """Slots over the batch axes (data, fsdp), KV heads over `tensor` when it divides them."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -204,7 +204,10 @@ def _state_sharding(mesh, cfg: ModelConfig):
     heads = "tensor" if ("tensor" in mesh.axis_names
                          and cfg.num_key_value_heads % mesh.shape["tensor"] == 0) else None
     rows = NamedSharding(mesh, P(b))
-    cache = NamedSharding(mesh, P(None, b, heads, None, None))
+    if per_layer:
+        cache = (NamedSharding(mesh, P(b, heads, None, None)),) * cfg.num_hidden_layers
+    else:
+        cache = NamedSharding(mesh, P(None, b, heads, None, None))
     return SlotState(KVCache(cache, cache), NamedSharding(mesh, P(b, None)),
                      NamedSharding(mesh, P(b, None)), rows, rows, rows, rows, rows, rows, rows)
 
@@ -268,20 +271,21 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     stop_ids = jnp.asarray(stops or (-1,), jnp.int32)
 
     slots = int(num_slots or min(n, 64))
+    if unroll_layers is None:
+        unroll_layers = jax.default_backend() == "cpu" or not cfg.scan_layers
+    unroll_layers = bool(unroll_layers)
     sharding = None
     if mesh is not None:
         mult = int(np.prod([mesh.shape[a] for a in _batch_axes(mesh)] or [1]))
         slots = _round_up(slots, mult)
-        sharding = _state_sharding(mesh, cfg)
+        sharding = _state_sharding(mesh, cfg, per_layer=unroll_layers)
         params = _place_params(params, cfg, mesh)
     # Static capacity: the longest prompt's bucket plus the largest budget, rounded up so that
     # similar calls (an RL loop) reuse the compiled functions.
     cap = cfg.max_position_embeddings
     width = min(_round_up(bucket(max(map(len, prompts)), cap) + max(budgets), 64), cap)
     limits = [min(len(p) + m, width) for p, m in zip(prompts, budgets)]
-    if unroll_layers is None:
-        unroll_layers = jax.default_backend() == "cpu" or not cfg.scan_layers
-    st = init_state(cfg, slots, width)
+    st = init_state(cfg, slots, width, per_layer=unroll_layers)
     if sharding is not None:
         st = jax.device_put(st, sharding)
     key = jax.random.key(seed)
@@ -354,5 +358,5 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
             break
         max_steps = stream_every if on_tokens is not None else np.iinfo(np.int32).max
         st = _decode(params, st, key, stop_ids, jnp.asarray(bool(queue)), jnp.int32(max_steps),
-                     unroll=bool(unroll_layers), **kw)
+                     unroll=unroll_layers, **kw)
     return GenerateOutput(out_tokens, out_logprobs, reasons)
