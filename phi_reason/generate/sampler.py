@@ -152,14 +152,12 @@ def _restart_rows(params, st, key, stop_ids, slots, *, cfg, sp, width, sharding=
     return _constrain(st, sharding)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sp", "unroll", "sharding"),
+@functools.partial(jax.jit, static_argnames=("cfg", "sp", "sharding"),
                    donate_argnames=("st",))
-def _decode(params, st, key, stop_ids, refill_wanted, max_steps, *, cfg, sp, unroll,
-            sharding=None):
+def _decode(params, st, key, stop_ids, refill_wanted, max_steps, *, cfg, sp, sharding=None):
     """Decode until every live row is done, or a row finishes while prompts wait (refill_wanted),
-    or a row reaches the LongRoPE crossing, or after `max_steps` steps."""
-    if unroll:
-        params = split_layers(params)  # loop-invariant: sliced once, outside the while loop
+    or a row reaches the LongRoPE crossing, or after `max_steps` steps. `params["layers"]` is a
+    list (unrolled layer loop, per-layer cache) or the stacked dict (scanned)."""
     rows = jnp.arange(st.length.shape[0])
     omax = cfg.original_max_position_embeddings
 
@@ -285,6 +283,10 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     cap = cfg.max_position_embeddings
     width = min(_round_up(bucket(max(map(len, prompts)), cap) + max(budgets), 64), cap)
     limits = [min(len(p) + m, width) for p, m in zip(prompts, budgets)]
+    if unroll_layers and not isinstance(params["layers"], list):
+        # Sliced once per call, not inside `_decode`: that is re-entered at every refill of
+        # continuous batching, and each entry would copy every layer's weights again.
+        params = jax.jit(split_layers)(params)
     st = init_state(cfg, slots, width, per_layer=unroll_layers)
     if sharding is not None:
         st = jax.device_put(st, sharding)
@@ -358,5 +360,5 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
             break
         max_steps = stream_every if on_tokens is not None else np.iinfo(np.int32).max
         st = _decode(params, st, key, stop_ids, jnp.asarray(bool(queue)), jnp.int32(max_steps),
-                     unroll=unroll_layers, **kw)
+                     **kw)
     return GenerateOutput(out_tokens, out_logprobs, reasons)
