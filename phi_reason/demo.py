@@ -67,8 +67,9 @@ def _write_jsonl(path: Path, records) -> None:
 
 def write_data(task: dict, seed: int, data_dir: Path) -> dict:
     """Disjoint synthetic splits: held-out eval, the mid-training corpus, the SFT subset and the
-    prompts used for Rollout DPO and RL (all distinct problems)."""
-    from .data.synthetic import make_problems
+    prompts used for Rollout DPO and RL (all distinct problems). The mid-training corpus plays an
+    unverified teacher: `task.midtrain_noise` of its traces end in a wrong boxed answer."""
+    from .data.synthetic import make_problems, with_noisy_answers
 
     data_dir.mkdir(parents=True, exist_ok=True)
     common = dict(kinds=tuple(task["kinds"]), difficulty=task["difficulty"])
@@ -78,6 +79,8 @@ def write_data(task: dict, seed: int, data_dir: Path) -> dict:
     for name, n in sizes.items():
         splits[name] = every[start:start + n]
         start += n
+    noise = float(task.get("midtrain_noise", 0.0))
+    splits["midtrain"] = with_noisy_answers(splits["midtrain"], noise, seed + 1)
 
     def chat(p):
         return {"messages": [{"role": "user", "content": p["problem"]},

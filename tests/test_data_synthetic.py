@@ -130,3 +130,28 @@ def test_bad_arguments():
         make_problems(5, 0, difficulty={"digts": 3})
     with pytest.raises(ValueError, match="distinct problems"):
         make_problems(500, 0, kinds=("frac",), difficulty="easy")
+
+
+def test_noisy_teacher_changes_only_the_boxed_answer_of_a_seeded_fraction():
+    from phi_reason.data.synthetic import with_noisy_answers
+
+    problems = make_problems(400, seed=3, kinds=("add", "sub", "mul", "frac"))
+    noisy = with_noisy_answers(problems, 0.6, seed=9)
+    assert noisy == with_noisy_answers(problems, 0.6, seed=9)  # seeded
+    assert with_noisy_answers(problems, 0.0, seed=9) == problems
+    changed = 0
+    for clean, dirty in zip(problems, noisy):
+        assert dirty["problem"] == clean["problem"] and dirty["answer"] == clean["answer"]
+        if dirty["solution"] == clean["solution"]:
+            continue
+        changed += 1
+        a = clean["answer"]
+        assert a.lstrip("-").isdigit(), "only integer answers are corrupted"
+        wrong = last_boxed(dirty["solution"])
+        # Same steps, same length and leading digits; last digit one more (mod 10).
+        assert dirty["solution"].split("\\boxed")[0] == clean["solution"].split("\\boxed")[0]
+        assert wrong[:-1] == a[:-1] and int(wrong[-1]) == (int(a[-1]) + 1) % 10
+    integer = sum(p["answer"].lstrip("-").isdigit() for p in problems)
+    assert 0.5 * integer < changed < 0.7 * integer, (changed, integer)
+    with pytest.raises(ValueError, match="noise rate"):
+        with_noisy_answers(problems, 1.5, seed=0)

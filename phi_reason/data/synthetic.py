@@ -195,3 +195,30 @@ def make_problems(n: int, seed: int, kinds=KINDS, difficulty="easy", unique: boo
             seen.add(problem)
         out.append({"problem": problem, "solution": _boxed(steps, answer), "answer": answer})
     return out
+
+
+def _off_by_one_digit(answer: str) -> str:
+    """The integer answer with its last digit bumped (9 -> 0): a plausible copying slip."""
+    return answer[:-1] + str((int(answer[-1]) + 1) % 10)
+
+
+def with_noisy_answers(problems: list[dict], rate: float, seed: int) -> list[dict]:
+    """An unverified "teacher" corpus: in a `rate` fraction of the records (seeded choice) the
+    worked steps stay correct but the final `\\boxed{}` answer has its last digit wrong. Only
+    integer answers are changed. `answer` keeps the true value, so graders still know it.
+
+    The demo mid-trains on such traces (as when distilling unfiltered teacher output); later
+    stages on verified data and RL against the true answer have a systematic error to remove.
+    """
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"noise rate must be in [0, 1], got {rate}")
+    rng = random.Random(seed)
+    out = []
+    for p in problems:
+        a = p["answer"]
+        if rng.random() < rate and a.lstrip("-").isdigit():
+            tail = "\\boxed{" + a + "}"
+            assert p["solution"].endswith(tail), p
+            p = {**p, "solution": p["solution"][:-len(tail)] + "\\boxed{" + _off_by_one_digit(a) + "}"}
+        out.append(p)
+    return out
