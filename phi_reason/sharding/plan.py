@@ -168,25 +168,48 @@ def activation_estimate(cfg: ModelConfig, local_batch: int, local_seq: int, rema
     x = jax.ShapeDtypeStruct((B, T, H), cdt)
     seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
 
-    def layer(lp, x, seg):
+    def attention_half(lp, x, seg):
         pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_tables(cfg, pos, use_long=False)
-        return decoder.decoder_layer(lp, x, cfg, cos, sin, seg, impl="reference")
+        q, k, v = decoder.attention_inputs(lp, x, cfg, cos, sin)
+        attn = decoder.attention(q, k, v, seg, seg, impl="reference")
+        return decoder.attention_output(lp, x, attn, cfg)
 
-    plain, plain_sq = _residual_bytes(layer, lp, x, seg, square=T)
-    if remat == "none":
-        saved, saved_sq = plain, plain_sq
-    else:
-        policy = decoder._REMAT[remat]
-        saved, saved_sq = _residual_bytes(jax.checkpoint(layer, policy=policy), lp, x, seg,
-                                          square=T)
+    def mlp_half(lp, x, seg):
+        return decoder.mlp_block(lp, x, cfg)
+
     lse = B * cfg.num_attention_heads * T * 4
-    if attention == "flash":
-        plain_sq, saved_sq = lse, (lse if saved_sq else 0)
-    saved_total = cfg.num_hidden_layers * (saved + saved_sq)
+    halves = []  # (plain, saved) bytes of each half's residuals, T x T ones included
+    for half in (attention_half, mlp_half):
+        plain, plain_sq = _residual_bytes(half, lp, x, seg, square=T)
+        if remat == "none":
+            saved, saved_sq = plain, plain_sq
+        else:
+            saved, saved_sq = _residual_bytes(
+                jax.checkpoint(half, policy=decoder._REMAT[remat]), lp, x, seg, square=T)
+        if attention == "flash" and half is attention_half:
+            plain_sq, saved_sq = lse, (lse if saved_sq else 0)
+        halves.append((plain + plain_sq, saved + saved_sq))
+    # What the stack keeps per layer: the whole layer's saved residuals (under remat the halves'
+    # own inputs are recomputed values, not saved ones).
+    if remat == "none":
+        layer_saved = sum(saved for _, saved in halves)
+    else:
+        def layer(lp, x, seg):
+            return mlp_half(lp, attention_half(lp, x, seg), seg)
+
+        saved, saved_sq = _residual_bytes(jax.checkpoint(layer, policy=decoder._REMAT[remat]),
+                                          lp, x, seg, square=T)
+        if attention == "flash" and saved_sq:
+            saved_sq = lse
+        layer_saved = saved + saved_sq
+    saved_total = cfg.num_hidden_layers * layer_saved
     # The backward of a rematerialised layer needs its plain residuals again; those the policy
-    # saved are read from the stack, the rest are recomputed and live for that one layer.
-    rework = 0 if remat == "none" else max(plain + plain_sq - saved - saved_sq, 0)
+    # saved are read from the stack, the rest are recomputed. XLA schedules the recomputation of
+    # each half next to that half's backward (the MLP's are dead before the attention's are
+    # rebuilt), so the rework peak is the larger half, not their sum (measured against
+    # memory_analysis in tests/test_plan.py).
+    rework = 0 if remat == "none" else max(max(p - s_, 0) for p, s_ in halves)
     activations = saved_total + rework + 2 * B * T * H * cdt.itemsize
 
     def head(h, norm, w, tokens):
