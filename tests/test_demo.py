@@ -1,5 +1,6 @@
 """`phi-reason demo --quick`: the four-stage recipe end to end through the CLI."""
 import json
+import os
 import subprocess
 import sys
 
@@ -9,8 +10,11 @@ import pytest
 @pytest.mark.slow
 def test_quick_demo_accuracy_rises(tmp_path):
     out = tmp_path / "demo"
+    # As a user runs it: one CPU device, not the 8 virtual devices conftest.py sets up for the
+    # sharding tests (the trainer would shard the batch over them and round differently).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run([sys.executable, "-m", "phi_reason.cli", "demo", "--quick", "--out",
-                           str(out)], capture_output=True, text=True, timeout=1500)
+                           str(out)], capture_output=True, text=True, timeout=1500, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     stages = {s["name"]: s for s in summary["stages"]}
