@@ -12,6 +12,7 @@ from phi_reason.data.chat import (PHI4_MINI_REASONING_SYSTEM, PHI4_REASONING_SYS
                                   render_completion, render_conversation, render_prompt, stop_ids,
                                   system_prompt_from_template)
 from phi_reason.data.tokenizer import CharTokenizer, HFTokenizer, Phi4Tokenizer
+from byte_tokenizer import byte_level_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -96,16 +97,7 @@ def phi4_reasoning():
 def tiny_hf_dir(tmp_path_factory):
     """A byte-level HF tokenizer (token id = byte value, no merges) plus Phi special tokens, saved
     with Phi-4's chat template and a generation_config naming its eos ids."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_char = bytes_to_unicode()
-    backend = Tokenizer(models.BPE(vocab={byte_char[b]: b for b in range(256)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>", additional_special_tokens=SPECIALS)
+    tok = byte_level_tokenizer(SPECIALS)
     tok.chat_template = PHI4_REASONING_TEMPLATE
     path = tmp_path_factory.mktemp("tiny_hf_tokenizer")
     tok.save_pretrained(path)

@@ -9,6 +9,7 @@ import pytest
 from phi_reason import ModelConfig, init_params
 from phi_reason.checkpoint import save_pretrained
 from phi_reason.demo_real import run_real_model
+from byte_tokenizer import byte_level_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>",
             "</think>"]
@@ -16,16 +17,7 @@ SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>
 
 @pytest.fixture(scope="module")
 def mini_reasoning_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_char = bytes_to_unicode()
-    backend = Tokenizer(models.BPE(vocab={byte_char[b]: b for b in range(256)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>",
-                                  pad_token="<|endoftext|>", additional_special_tokens=SPECIALS)
+    tok = byte_level_tokenizer(SPECIALS)
     root = tmp_path_factory.mktemp("models")
     tok_dir = root / "tokenizer"
     tok.save_pretrained(tok_dir)
