@@ -183,6 +183,9 @@ def _decode(params, st, key, stop_ids, refill_wanted, max_steps, *, cfg, sp, sha
     return st
 
 
+_split_layers = jax.jit(split_layers)
+
+
 def _pad_group(n: int, cap: int) -> int:
     p = 1
     while p < n:
@@ -286,7 +289,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     if unroll_layers and not isinstance(params["layers"], list):
         # Sliced once per call, not inside `_decode`: that is re-entered at every refill of
         # continuous batching, and each entry would copy every layer's weights again.
-        params = jax.jit(split_layers)(params)
+        params = _split_layers(params)
     st = init_state(cfg, slots, width, per_layer=unroll_layers)
     if sharding is not None:
         st = jax.device_put(st, sharding)

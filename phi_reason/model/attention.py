@@ -39,6 +39,11 @@ def _head_major(x, n_kv):
     return jnp.transpose(x.reshape(b, t, n_kv, nh // n_kv, hd), (0, 2, 3, 1, 4))
 
 
+def _kv_head_major(x):
+    """[B, S, nKV, hd] -> [B, nKV, S, hd]."""
+    return jnp.transpose(x, (0, 2, 1, 3))
+
+
 def _attend(qh, kh, vh, mask, scale):
     """qh [B, nKV, g, n, hd], kh/vh [B, nKV, S, hd], mask [B, n, S] -> [B, nKV, g, n, hd] f32."""
     b, n_kv, g, n, hd = qh.shape
@@ -69,7 +74,7 @@ def reference_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None, kv
     q_index = _indices(q_segment_ids, q_index)
     kv_index = _indices(kv_segment_ids, kv_index)
     n_kv = k.shape[2]
-    kh, vh = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+    kh, vh = _kv_head_major(k), _kv_head_major(v)
     mask = _mask(q_segment_ids, kv_segment_ids, q_index, kv_index)
     return _token_major(_attend(_head_major(q, n_kv), kh, vh, mask, scale), q.dtype)
 
@@ -170,7 +175,7 @@ def causal_blocked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=Non
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     n_kv = k.shape[2]
     qh = _head_major(q, n_kv)
-    kh, vh = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+    kh, vh = _kv_head_major(k), _kv_head_major(v)
     index = jnp.arange(t, dtype=jnp.int32)
     outs = []
     for start in range(0, t, block):
