@@ -41,6 +41,16 @@ PEAKS = {"H200": (989e12, 4.8e12), "H100 PCIe": (756e12, 2.0e12), "H100": (989e1
          "A100": (312e12, 2.0e12)}
 
 
+_DEADLINE = [float("inf")]  # time.time() after which no new measurement starts (--budget-s)
+
+
+def out_of_time() -> bool:
+    return time.time() > _DEADLINE[0]
+
+
+SKIPPED = "skipped: --budget-s spent"
+
+
 def timeit(fn, *args, iters=3):
     """Median seconds of `iters` calls after one warm-up (compile) call."""
     jax.block_until_ready(fn(*args))
@@ -82,16 +92,19 @@ def packed_segments(b, t, n_seq=3):
     return jnp.asarray(np.tile(row, (b, 1)))
 
 
-def attention_paths(interpret: bool):
-    gpu = lambda variant: (lambda q, k, v, s: attention_kernels.gpu_attention(
-        q, k, v, s, s, interpret=interpret, variant=variant))
-    return {
+def attention_paths(interpret: bool, triton_bwd_blocks=()):
+    gpu = lambda variant, bwd=None: (lambda q, k, v, s: attention_kernels.gpu_attention(
+        q, k, v, s, s, interpret=interpret, variant=variant, triton_bwd_block=bwd))
+    paths = {
         "reference": lambda q, k, v, s: reference_attention(q, k, v, s, s),
         "chunked": lambda q, k, v, s: chunked_attention(q, k, v, s, s),
         "gpu_triton": gpu("triton"),
         # cuDNN cannot express segment ids: timed on single-sequence rows (its only use).
         "gpu_cudnn": gpu("cudnn"),
     }
+    for n in triton_bwd_blocks:  # tuning: the backward kernels' tile
+        paths[f"gpu_triton_bwd{n}"] = gpu("triton", n)
+    return paths
 
 
 def _truth(q, k, v, seg):
@@ -105,21 +118,28 @@ def _truth(q, k, v, seg):
     return None, None
 
 
-def bench_attention(seq_lens, heads, kv_heads, head_dim, dtype, interpret):
+def bench_attention(seq_lens, heads, kv_heads, head_dim, dtype, interpret, triton_bwd_blocks=()):
     rows = []
     for t in seq_lens:
+        if out_of_time():
+            rows.append({"seq": t, "error": SKIPPED})
+            continue
         r = np.random.RandomState(t)
         shape_q, shape_kv = (1, t, heads, head_dim), (1, t, kv_heads, head_dim)
         q, k, v = (jnp.asarray(r.randn(*s), dtype) for s in (shape_q, shape_kv, shape_kv))
         segs = {"packed": packed_segments(1, t), "single": jnp.ones((1, t), jnp.int32)}
         truth = {key: _truth(q, k, v, seg) for key, seg in segs.items()}
-        for name, fn in attention_paths(interpret).items():
+        for name, fn in attention_paths(interpret, triton_bwd_blocks).items():
             key = "single" if name == "gpu_cudnn" else "packed"
             seg = segs[key]
             fwd = jax.jit(fn)
             bwd = jax.jit(jax.grad(lambda q, k, v, s: jnp.sum(fn(q, k, v, s).astype(jnp.float32)),
                                    argnums=(0, 1, 2)))
             row = {"seq": t, "path": name, "segments": key, "err_vs": truth[key][0]}
+            if out_of_time():
+                row["error"] = SKIPPED
+                rows.append(row)
+                continue
             try:
                 out = fwd(q, k, v, seg).astype(jnp.float32)
                 if truth[key][1] is not None:
@@ -146,8 +166,8 @@ def train_flops_per_token(cfg: ModelConfig, seq: int) -> float:
 def make_train_step(cfg):
     opt = optax.adamw(1e-5, weight_decay=0.01)
 
-    def loss_fn(params, tokens):
-        logits = forward(params, tokens, cfg)[:, :-1]
+    def loss_fn(params, tokens, segment_ids):
+        logits = forward(params, tokens, cfg, segment_ids=segment_ids)[:, :-1]
         gold = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
         return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - gold)
 
@@ -156,8 +176,8 @@ def make_train_step(cfg):
         params = init_params(cfg, key)
         return params, opt.init(params)
 
-    def step(params, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+    def step(params, opt_state, tokens, segment_ids):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, segment_ids)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -178,47 +198,73 @@ def layers_that_fit(cfg: ModelConfig, seq: int, batch: int) -> int:
     return max(1, min(n, cfg.num_hidden_layers))
 
 
-def bench_train(base: ModelConfig, seq: int, batch: int, remats, peak_flops, max_layers=None):
-    n_layers = layers_that_fit(base, seq, batch) if max_layers is None else max_layers
+def time_train_step(c: ModelConfig, seq: int, batch: int, peak_flops: float,
+                    packed: bool = False) -> dict:
+    """packed: rows of 3 packed sequences + padding (segment ids; the Triton kernel on GPU),
+    else one sequence per row (no segment ids; cuDNN on GPU)."""
+    init, step = make_train_step(c)
+    params, opt_state = init(jax.random.PRNGKey(0))
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, seq), 0, c.vocab_size)
+    segment_ids = packed_segments(batch, seq) if packed else None
+    t0 = time.perf_counter()
+    params, opt_state, loss = step(params, opt_state, tokens, segment_ids)  # compile
+    loss.block_until_ready()
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        params, opt_state, loss = step(params, opt_state, tokens, segment_ids)
+        loss.block_until_ready()
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    flops = train_flops_per_token(c, seq) * batch * seq
+    stats = jax.devices()[0].memory_stats() or {}
+    del params, opt_state
+    return dict(step_s=sec, compile_s=compile_s, tokens_per_s=batch * seq / sec,
+                tflops=flops / sec / 1e12, mfu=flops / sec / peak_flops, loss=float(loss),
+                peak_gib=stats.get("peak_bytes_in_use", 0) / 2 ** 30)
+
+
+def _train_row(cfg, seq, batch, remat, peak_flops, packed=False):
+    """One measured row; if the attention kernel fails to build (not an OOM), retried with
+    attention='chunked' so that the MFU is still measured, and both outcomes are reported."""
+    rows = []
+    for attention in dict.fromkeys((cfg.attention, "chunked")):
+        c = cfg.replace(remat=remat, attention=attention)
+        row = {"layers": c.num_hidden_layers, "remat": remat, "attention": attention,
+               "segments": "packed" if packed else "single", "seq": seq, "batch": batch,
+               "params": param_count(c)}
+        if out_of_time():
+            row["error"] = SKIPPED
+            return rows + [row]
+        try:
+            row.update(time_train_step(c, seq, batch, peak_flops, packed))
+        except Exception as e:  # noqa: BLE001 - an OOM is a result
+            row["error"] = "OOM" if is_oom(e) else f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        print("train", row, flush=True)
+        if row.get("error") in (None, "OOM"):
+            break
+    return rows
+
+
+def bench_train(base: ModelConfig, seq: int, batches, remats, peak_flops, max_layers=None,
+                packed_row=True):
+    """Every (batch, remat) pair on the deepest model that fits the smallest batch (larger
+    batches that do not fit are reported as OOM), then the best pair again on packed rows."""
+    n_layers = (layers_that_fit(base, seq, min(batches)) if max_layers is None else max_layers)
     results = []
     while n_layers >= 1:
         cfg = base.replace(num_hidden_layers=n_layers)
-        results = []
-        oom = False
-        for remat in remats:
-            c = cfg.replace(remat=remat)
-            row = {"layers": n_layers, "remat": remat, "seq": seq, "batch": batch,
-                   "params": param_count(c)}
-            try:
-                init, step = make_train_step(c)
-                params, opt_state = init(jax.random.PRNGKey(0))
-                tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, seq), 0,
-                                            c.vocab_size)
-                params, opt_state, loss = step(params, opt_state, tokens)  # compile
-                loss.block_until_ready()
-                times = []
-                for _ in range(3):
-                    t0 = time.perf_counter()
-                    params, opt_state, loss = step(params, opt_state, tokens)
-                    loss.block_until_ready()
-                    times.append(time.perf_counter() - t0)
-                sec = statistics.median(times)
-                flops = train_flops_per_token(c, seq) * batch * seq
-                row.update(step_s=sec, tokens_per_s=batch * seq / sec,
-                           tflops=flops / sec / 1e12, mfu=flops / sec / peak_flops,
-                           loss=float(loss))
-                del params, opt_state
-            except Exception as e:  # noqa: BLE001
-                if not is_oom(e):
-                    row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                else:
-                    row["error"] = "OOM"
-                    oom = True
-            results.append(row)
-            print("train", row, flush=True)
-        if not oom or any("mfu" in r for r in results):
+        results = [r for batch in batches for remat in remats
+                   for r in _train_row(cfg, seq, batch, remat, peak_flops)]
+        if any("mfu" in r for r in results) or not any(r.get("error") == "OOM" for r in results):
             break
         n_layers //= 2  # nothing fitted: retry smaller
+    measured = [r for r in results if "mfu" in r]
+    if packed_row and measured:
+        best = max(measured, key=lambda r: r["mfu"])
+        results += _train_row(cfg, seq, best["batch"], best["remat"], peak_flops, packed=True)
     return results
 
 
@@ -235,6 +281,10 @@ def bench_decode(cfg: ModelConfig, batches, context: int, steps: int, peak_bw):
     rows = []
     for b in batches:
         row = {"batch": b, "context": context, "steps": steps}
+        if out_of_time():
+            row["error"] = SKIPPED
+            rows.append(row)
+            continue
         try:
             cache = init_cache(cfg, b, context + steps, per_layer=True)
             cache = jax.tree_util.tree_map(
@@ -293,8 +343,11 @@ def render_md(report) -> str:
         table(report["attention"], ["seq", "path", "segments", "max_abs_err", "err_vs", "fwd_ms",
                                     "fwd_bwd_ms", "error"]),
         "## Train step (AdamW, bf16 compute, fp32 params)",
-        table(report["train"], ["layers", "remat", "seq", "batch", "params", "step_s",
-                                "tokens_per_s", "tflops", "mfu", "error"]),
+        "MFU = (6 N + attention) FLOPs per token x tokens / step time / peak; rows run in order "
+        "in one process, so peak_gib is the peak of device memory so far, not of the row alone.",
+        table(report["train"], ["layers", "remat", "attention", "segments", "seq", "batch", "params",
+                                "compile_s", "step_s", "tokens_per_s", "tflops", "mfu",
+                                "peak_gib", "error"]),
         "## Decode (greedy, KV cache)",
         table(report["decode"], ["batch", "context", "steps", "step_ms", "tokens_per_s",
                                  "bytes_per_step", "roofline_fraction", "error"]),
@@ -314,8 +367,20 @@ def main(argv=None):
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--skip", action="append", default=[], choices=["attention", "train",
                                                                       "decode"])
+    ints = lambda text: tuple(int(x) for x in text.split(","))
+    ap.add_argument("--train-batches", type=ints, help="comma list (default 1,2,4)")
+    ap.add_argument("--remats", type=lambda t: tuple(t.split(",")),
+                    help="comma list of remat policies (default save_dots,full)")
+    ap.add_argument("--triton-bwd-blocks", type=ints, default=(),
+                    help="extra gpu_triton rows with these backward tiles (tuning)")
+    ap.add_argument("--layers", type=int, help="train this many layers (default: as many as fit)")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="start no new measurement after this many seconds (rows left are "
+                         "reported as skipped); results are written after every section")
     args = ap.parse_args(argv)
     t_start = time.time()
+    _DEADLINE[0] = t_start + args.budget_s
     interpret = jax.default_backend() == "cpu"
     (peak_flops, peak_bw), peaks_src = device_peaks(args.tiny)
     if args.tiny:
@@ -323,32 +388,49 @@ def main(argv=None):
                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            dtype="bfloat16", attention="auto")
         attn_args = dict(seq_lens=(64,), heads=4, kv_heads=2, head_dim=16)
-        train_args = dict(seq=64, batch=2, remats=("full", "save_dots"), max_layers=2)
+        train_args = dict(seq=64, batches=(2,), remats=("full", "save_dots"), max_layers=2)
         decode_args = dict(batches=(1, 4), context=32, steps=4)
     else:
         base = ModelConfig.preset("phi-4-mini").replace(dtype="bfloat16", param_dtype="float32",
                                                         attention="auto")
         attn_args = dict(seq_lens=(4096, 16384), heads=24, kv_heads=8, head_dim=128)
-        train_args = dict(seq=4096, batch=1, remats=("save_dots", "full"), max_layers=None)
+        train_args = dict(seq=4096, batches=(1, 2, 4), remats=("save_dots", "full"),
+                          max_layers=None)
         decode_args = dict(batches=(1, 16, 64), context=2048, steps=64)
     report = {"meta": {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                        "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                        "peak_flops": peak_flops, "peak_bw": peak_bw, "peaks": peaks_src,
                        "tiny": args.tiny, "interpret_kernels": interpret},
               "attention": [], "train": [], "decode": []}
-    if "attention" not in args.skip:
-        report["attention"] = bench_attention(dtype=jnp.bfloat16, interpret=interpret,
-                                              **attn_args)
-    if "train" not in args.skip:
-        report["train"] = bench_train(base, peak_flops=peak_flops, **train_args)
-    if "decode" not in args.skip:
-        report["decode"] = bench_decode(base.replace(num_hidden_layers=base.num_hidden_layers),
-                                        peak_bw=peak_bw, **decode_args)
-    report["meta"]["seconds"] = time.time() - t_start
+    if args.train_batches:
+        train_args["batches"] = args.train_batches
+    if args.remats:
+        train_args["remats"] = args.remats
+    if args.layers:
+        train_args["max_layers"] = args.layers
+    attn_args["triton_bwd_blocks"] = args.triton_bwd_blocks
+    report["meta"]["tag"] = args.tag
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, device_slug(args.tiny))
-    write_atomic(stem + ".json", json.dumps(report, indent=1, default=str))
-    write_atomic(stem + ".md", render_md(report))
+    stem = os.path.join(args.out_dir, device_slug(args.tiny) + (f"-{args.tag}" if args.tag else ""))
+
+    def write():
+        report["meta"]["seconds"] = time.time() - t_start
+        write_atomic(stem + ".json", json.dumps(report, indent=1, default=str))
+        write_atomic(stem + ".md", render_md(report))
+
+    # Headline first: if the run is cut short, the train-step MFU is already on disk.
+    sections = {
+        "train": lambda: bench_train(base, peak_flops=peak_flops, **train_args),
+        "decode": lambda: bench_decode(base, peak_bw=peak_bw, **decode_args),
+        "attention": lambda: bench_attention(dtype=jnp.bfloat16, interpret=interpret,
+                                             **attn_args),
+    }
+    for name, run in sections.items():
+        if name not in args.skip:
+            report[name] = run()
+            write()
+    write()
+    print(render_md(report))
     print(f"wrote {stem}.md and {stem}.json ({report['meta']['seconds']:.0f} s)")
     return 0
 

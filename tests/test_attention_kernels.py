@@ -43,10 +43,11 @@ def _assert_matches(got, want, rows=slice(None)):
         np.testing.assert_allclose(g[rows], rg[rows], atol=5e-5, rtol=5e-5, err_msg=f"d{name}")
 
 
-def test_triton_kernel_matches_reference(inputs, reference):
+@pytest.mark.parametrize("bwd_block", [None, 16])  # default tile; several backward tiles
+def test_triton_kernel_matches_reference(inputs, reference, bwd_block):
     q, k, v, seg, w = inputs
     fn = lambda q, k, v: ak.gpu_attention(q, k, v, seg, seg, scale=SCALE, interpret=True,
-                                          variant="triton")
+                                          variant="triton", triton_bwd_block=bwd_block)
     _assert_matches(_value_and_grads(jax.jit(fn), q, k, v, w), reference)
 
 

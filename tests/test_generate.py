@@ -166,3 +166,21 @@ def test_bad_arguments_are_named(params, kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         generate(params, CFG, **args)
+
+
+@pytest.mark.parametrize("position, regime", [(OMAX - 2, False), (OMAX + 5, True)])
+def test_decode_step_without_regime_decides_from_positions(params, position, regime):
+    """use_long=None: the LongRoPE regime follows the positions as in HF's forward (short while
+    max position + 1 <= original_max); it must not be read as a bool array (an error in jax 0.11)."""
+    from phi_reason.model.kv_cache import decode_step, init_cache
+
+    cache = init_cache(CFG, 2, OMAX + 8)
+    cache = jax.tree_util.tree_map(
+        lambda x: jax.random.normal(jax.random.key(3), x.shape, x.dtype), cache)
+    tokens, pos = jnp.array([5, 9]), jnp.full((2,), position)
+    step = jax.jit(decode_step, static_argnums=1)
+    got, _ = step(params, CFG, cache, tokens, pos, None)
+    want, _ = step(params, CFG, cache, tokens, pos, jnp.full((2,), regime))
+    other, _ = step(params, CFG, cache, tokens, pos, jnp.full((2,), not regime))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert not np.allclose(np.asarray(got), np.asarray(other))

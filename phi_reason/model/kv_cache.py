@@ -62,8 +62,9 @@ def split_layers(params: dict) -> dict:
 
 
 def _use_long(cfg: ModelConfig, use_long):
-    """[n] bool -> the [n, 1, 1] form rope_tables broadcasts per row (None for plain RoPE)."""
-    if cfg.rope_scaling_type != "longrope":
+    """[n] bool -> the [n, 1, 1] form rope_tables broadcasts per row. None for plain RoPE, and
+    None stays None (rope_tables then decides from the positions, as HF does)."""
+    if cfg.rope_scaling_type != "longrope" or use_long is None:
         return None
     return jnp.asarray(use_long, bool)[:, None, None]
 
