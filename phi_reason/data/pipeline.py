@@ -290,8 +290,17 @@ def _allow_unparsed_absl_flags():
         flags.FLAGS.mark_as_parsed()
 
 
+# Examples are read in the training loop's thread: grain's default read-ahead (16 threads, 500
+# buffered elements) polls every buffered future on each read and its threads compete with the
+# step for the host's cores (17 ms of an 85 ms CPU step, benchmarks/results/trainer_overhead_cpu.md).
+# Reading inline still overlaps the device (steps are dispatched asynchronously); pipelines too
+# heavy for that use `workers` (separate processes).
+INLINE_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+
+
 def _finish(examples: grain.MapDataset, strategy, seq_len, length_policy, workers, drop_remainder):
-    ds = BatchIterDataset(examples.to_iter_dataset(), strategy, seq_len, length_policy, drop_remainder)
+    ds = BatchIterDataset(examples.to_iter_dataset(INLINE_READ), strategy, seq_len, length_policy,
+                          drop_remainder)
     if workers > 0:
         _allow_unparsed_absl_flags()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
