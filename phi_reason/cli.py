@@ -163,6 +163,8 @@ def _add_plan(sub):
     p.add_argument("--compute-dtype", default="bfloat16")
     p.add_argument("--optimizer-dtype", default="float32")
     p.add_argument("--rollout-batch", type=int, default=0, help="KV cache for this many rows")
+    p.add_argument("--logits-chunk", type=int, default=0,
+                   help="train.logits_chunk: loss logits for N positions at a time (0: all)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=lambda a: _call("phi_reason.sharding.plan:main", **_kw(a)))
 

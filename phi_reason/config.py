@@ -98,6 +98,10 @@ class TrainSection:
     batch_size: int = 8  # global: sequences (SFT, PG) or preference pairs (DPO) per update
     micro_batch_size: Optional[int] = None  # gradient accumulation; None: the whole batch
     loss: str = "ce"  # SFT loss name (SFT_LOSSES)
+    # Positions of [*, V] logits computed at a time in the loss (0: all at once). With a 200k
+    # vocabulary the full float32 logits dominate activation memory; chunks of 512-2048 keep
+    # only one chunk's logits alive, forward and backward, for the same numbers.
+    logits_chunk: int = 0
     lr: float = 1e-5
     schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
     warmup_steps: int = 0
@@ -130,6 +134,8 @@ class TrainSection:
                 f"{self.batch_size}")
         if self.steps is not None and self.steps <= 0:
             bad("steps", f"must be positive, got {self.steps}")
+        if self.logits_chunk < 0:
+            bad("logits_chunk", f"must be >= 0 (0: no chunking), got {self.logits_chunk}")
         if self.schedule not in ("cosine", "linear", "constant"):
             bad("schedule", f"must be cosine, linear or constant, got {self.schedule!r}")
         if self.on_nonfinite not in ("stop", "skip"):

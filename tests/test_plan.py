@@ -148,3 +148,39 @@ def test_activation_estimate_within_25_percent_of_xla(remat, batch, seq, cfg_kw)
     act, saved, logits = planner.activation_estimate(cfg, batch, seq, remat, "reference")
     estimate = act + logits
     assert abs(estimate - measured) <= 0.25 * measured, (estimate, measured)
+
+
+@pytest.mark.parametrize("chunk", [0, 32])
+def test_logits_chunk_estimate_within_25_percent_of_xla(chunk):
+    """A vocabulary-heavy config (the [B, T, V] logits dominate): the planner's logits term
+    follows `train.logits_chunk` as XLA's buffer assignment does for the trainer's loss."""
+    from phi_reason.train.token_stats import model_token_stats
+
+    cfg = CAL.replace(remat="full", vocab_size=8192, num_hidden_layers=2)
+    b, t = 2, 256
+
+    def loss(params, tokens):
+        batch = {"tokens": tokens, "segment_ids": jnp.ones_like(tokens)}
+        return -jnp.mean(model_token_stats(params, cfg, batch, chunk=chunk).logp)
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(
+        abstract_params(cfg), jax.ShapeDtypeStruct((b, t), jnp.int32)).compile()
+    measured = compiled.memory_analysis().temp_size_in_bytes
+    act, _, logits = planner.activation_estimate(cfg, b, t, "full", "reference", chunk)
+    assert abs(act + logits - measured) <= 0.25 * measured, (act + logits, measured)
+    if chunk:
+        assert logits < b * t * cfg.vocab_size * 4 / 3  # a fraction of the full logits
+
+
+def test_plan_cli_logits_chunk(capsys):
+    kw = dict(model="phi-4-mini", mesh="data=1,fsdp=1,tensor=1", devices=None, batch=4,
+              seq=4096, remat="save_dots", accelerator="h100", param_dtype="float32",
+              compute_dtype="bfloat16", optimizer_dtype="float32", rollout_batch=0, json=True)
+    assert planner.main(**kw) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert planner.main(**kw, logits_chunk=1024) == 0
+    chunked = json.loads(capsys.readouterr().out)
+    # float32 [4, 4096, 200064] logits: at least the array itself without chunking
+    assert full["logits_bytes"] >= 4 * 4096 * 200064 * 4
+    assert chunked["logits_bytes"] < full["logits_bytes"] / 3
+    assert chunked["total_bytes"] < full["total_bytes"]

@@ -75,6 +75,7 @@ class MemoryPlan:
     local_seq: int
     remat: str
     attention: str
+    logits_chunk: int
     param_dtype: str
     compute_dtype: str
     optimizer_dtype: str
@@ -157,10 +158,11 @@ def _local_cfg(cfg, sizes, rules, compute_dtype, param_dtype):
 
 @functools.lru_cache(maxsize=256)  # meshes in `suggest_mesh` often share per-device shapes
 def activation_estimate(cfg: ModelConfig, local_batch: int, local_seq: int, remat: str,
-                        attention: str = "reference"):
+                        attention: str = "reference", logits_chunk: int = 0):
     """(activations_bytes, saved_bytes, logits_bytes) for one device's [local_batch, local_seq]
     slice of a train step; `cfg` is already the per-device slice (see `_local_cfg`).
-    attention: 'reference' (T x T scores kept) or 'flash' (kernels keeping a logsumexp)."""
+    attention: 'reference' (T x T scores kept) or 'flash' (kernels keeping a logsumexp).
+    logits_chunk: positions of logits alive at once in the loss (`train.logits_chunk`; 0: all)."""
     B, T, H = local_batch, local_seq, cfg.hidden_size
     cdt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     lp = {path[-1]: jax.ShapeDtypeStruct(s.shape[1:], pdt)
@@ -217,10 +219,12 @@ def activation_estimate(cfg: ModelConfig, local_batch: int, local_seq: int, rema
         logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
         return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
 
+    # Chunked: the same head on one chunk of positions at a time (rematerialised in the backward).
+    t_head = min(logits_chunk, T) if logits_chunk else T
     head_saved, _ = _residual_bytes(
-        head, jax.ShapeDtypeStruct((B, T, H), cdt), jax.ShapeDtypeStruct((H,), pdt),
-        jax.ShapeDtypeStruct((H, cfg.vocab_size), pdt), seg)
-    logits = head_saved + B * T * cfg.vocab_size * 4
+        head, jax.ShapeDtypeStruct((B, t_head, H), cdt), jax.ShapeDtypeStruct((H,), pdt),
+        jax.ShapeDtypeStruct((H, cfg.vocab_size), pdt), jax.ShapeDtypeStruct((B, t_head), jnp.int32))
+    logits = head_saved + B * t_head * cfg.vocab_size * 4
     return activations, saved_total, logits
 
 
@@ -228,7 +232,8 @@ def plan_memory(cfg: ModelConfig, mesh: Dict[str, int], batch: int, seq: int,
                 remat: str = "full", accelerator: Optional[str] = "h100",
                 param_dtype: str = "float32", compute_dtype: str = "bfloat16",
                 optimizer_dtype: str = "float32", rollout_batch: int = 0, rules=None,
-                attention: Optional[str] = None, model_name: str = "") -> MemoryPlan:
+                attention: Optional[str] = None, model_name: str = "",
+                logits_chunk: int = 0) -> MemoryPlan:
     """Per-device memory of one train step (and optional rollout KV cache) on `mesh` sizes."""
     if remat not in REMAT_POLICIES:
         raise MeshError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
@@ -250,7 +255,10 @@ def plan_memory(cfg: ModelConfig, mesh: Dict[str, int], batch: int, seq: int,
     b_local, t_local, _ = _local_shape(("batch", "seq", "embed"), (batch, seq, cfg.hidden_size),
                                        sizes, rules, "activation")
     local = _local_cfg(cfg, sizes, rules, compute_dtype, param_dtype)
-    activations, saved, logits = activation_estimate(local, b_local, t_local, remat, attention)
+    if logits_chunk < 0:
+        raise MeshError(f"logits_chunk must be >= 0 (0: no chunking), got {logits_chunk}")
+    activations, saved, logits = activation_estimate(local, b_local, t_local, remat, attention,
+                                                     logits_chunk)
     if t_local != seq:
         notes.append("sequence sharded at layer boundaries: attention still sees the full "
                      "sequence (K/V all-gathered); estimate uses the local length")
@@ -268,7 +276,8 @@ def plan_memory(cfg: ModelConfig, mesh: Dict[str, int], batch: int, seq: int,
     fits = None if usable is None else total <= usable
     return MemoryPlan(
         model=model_name, mesh=sizes, batch=batch, seq=seq, local_batch=b_local,
-        local_seq=t_local, remat=remat, attention=attention, param_dtype=param_dtype,
+        local_seq=t_local, remat=remat, attention=attention, logits_chunk=logits_chunk,
+        param_dtype=param_dtype,
         compute_dtype=compute_dtype, optimizer_dtype=optimizer_dtype,
         rollout_batch=rollout_batch, params_bytes=params_bytes, grads_bytes=grads_bytes,
         optimizer_bytes=optimizer_bytes, activations_bytes=activations,
@@ -328,7 +337,9 @@ def format_plan(plan: MemoryPlan) -> str:
         f"  optimizer     {_gib(plan.optimizer_bytes)}   (AdamW mu + nu)",
         f"  activations   {_gib(plan.activations_bytes)}   (saved across layers: "
         f"{plan.saved_activations_bytes / GiB:.2f} GiB)",
-        f"  logits        {_gib(plan.logits_bytes)}   (float32, no chunked loss)",
+        f"  logits        {_gib(plan.logits_bytes)}   (float32, "
+        + (f"{plan.logits_chunk} positions at a time)" if plan.logits_chunk else
+           "all positions at once; --logits-chunk N computes N at a time)"),
     ]
     if plan.rollout_batch:
         lines.append(f"  kv cache      {_gib(plan.kv_cache_bytes)}   ({plan.rollout_batch} "
@@ -346,23 +357,23 @@ def format_plan(plan: MemoryPlan) -> str:
 
 def main(model, mesh=None, devices=None, batch=1, seq=4096, remat="full", accelerator="h100",
          param_dtype="float32", compute_dtype="bfloat16", optimizer_dtype="float32",
-         rollout_batch=0, json=False) -> int:
+         rollout_batch=0, json=False, logits_chunk=0) -> int:
     """`phi-reason plan`: print the per-device plan (or a suggested mesh for --devices).
     Returns 0, or 2 with a one-line error on stderr for a bad model / mesh / batch."""
     try:
         return _main(model, mesh, devices, batch, seq, remat, accelerator, param_dtype,
-                     compute_dtype, optimizer_dtype, rollout_batch, json)
+                     compute_dtype, optimizer_dtype, rollout_batch, json, logits_chunk)
     except (MeshError, ConfigError, FileNotFoundError) as e:
         print(f"phi-reason plan: error: {e}", file=sys.stderr)
         return 2
 
 
 def _main(model, mesh, devices, batch, seq, remat, accelerator, param_dtype, compute_dtype,
-          optimizer_dtype, rollout_batch, json) -> int:
+          optimizer_dtype, rollout_batch, json, logits_chunk) -> int:
     cfg = _load_model(model)
     kw = dict(remat=remat, accelerator=accelerator, param_dtype=param_dtype,
               compute_dtype=compute_dtype, optimizer_dtype=optimizer_dtype,
-              rollout_batch=rollout_batch, model_name=model)
+              rollout_batch=rollout_batch, model_name=model, logits_chunk=logits_chunk)
     suggestion = None
     if mesh is not None:
         sizes = {a: 1 for a in MESH_AXES} | parse_mesh(mesh)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Dict, NamedTuple
+from typing import Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,21 +31,48 @@ def target_mask(batch) -> jax.Array:
     return jnp.pad(shifted, ((0, 0), (1, 0)))
 
 
+class TokenStats(NamedTuple):
+    """Per-token quantities aligned to `tokens` [B, T] (position 0 is 0): log p(token t | < t),
+    whether the argmax predicted token t, and the predictive entropy (None unless asked for)."""
+    logp: jax.Array
+    correct: jax.Array
+    entropy: Optional[jax.Array] = None
+
+
+def shifted_token_stats(logits, targets, entropy: bool = False):
+    """Logits [B, n, V] that predict targets [B, n] (already shifted) -> (logp, correct, entropy
+    or None), each [B, n] float32. The one formula behind the full and the chunked paths."""
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    logp = picked - jax.nn.logsumexp(logits, axis=-1)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return logp, correct, (_entropy(logits) if entropy else None)
+
+
+def _entropy(logits):
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
+
+
+def align_to_tokens(x):
+    """[B, T-1] values for targets 1..T-1 -> [B, T] aligned to tokens (position 0 is 0)."""
+    return None if x is None else jnp.pad(x, ((0, 0), (1, 0)))
+
+
+def token_stats(logits, tokens, entropy: bool = False) -> TokenStats:
+    """TokenStats from full logits [B, T, V]."""
+    stats = shifted_token_stats(logits[:, :-1], jnp.asarray(tokens)[:, 1:], entropy)
+    return TokenStats(*map(align_to_tokens, stats))
+
+
 def token_logprobs(logits, tokens) -> jax.Array:
     """[B, T] float32 log p(token t | tokens < t) from logits [B, T, V]; position 0 is 0."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = jnp.asarray(tokens)[:, 1:]
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    lp = picked - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.pad(lp, ((0, 0), (1, 0)))
+    return token_stats(logits, tokens).logp
 
 
 def token_entropy(logits) -> jax.Array:
     """[B, T] entropy of the predictive distribution for token t (aligned like token_logprobs)."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    return jnp.pad(ent, ((0, 0), (1, 0)))
+    return align_to_tokens(_entropy(logits[:, :-1]))
 
 
 def sequence_logprobs(params, cfg, batch):
@@ -62,14 +89,12 @@ def sequence_logprobs(params, cfg, batch):
 
 # --------------------------------------------------------------------------- SFT
 def cross_entropy(logits, batch, denom):
-    """Token cross-entropy summed over targets / `denom` (the global batch's target count)."""
+    """Token cross-entropy summed over targets / `denom` (the global batch's target count).
+    `logits`: [B, T, V], or the TokenStats of the chunked path (no [B, T, V] array at all)."""
+    stats = logits if isinstance(logits, TokenStats) else token_stats(logits, batch["tokens"])
     mask = target_mask(batch)
-    lp = token_logprobs(logits, batch["tokens"])
-    nll = -jnp.sum(lp * mask)
-    pred = jnp.argmax(logits[:, :-1], axis=-1)
-    correct = jnp.pad((pred == jnp.asarray(batch["tokens"])[:, 1:]).astype(jnp.float32),
-                      ((0, 0), (1, 0)))
-    return nll / denom, {"loss": nll / denom, "accuracy": jnp.sum(correct * mask) / denom}
+    nll = -jnp.sum(stats.logp * mask)
+    return nll / denom, {"loss": nll / denom, "accuracy": jnp.sum(stats.correct * mask) / denom}
 
 
 SFT_LOSSES: Dict[str, Callable] = {"ce": cross_entropy}

@@ -17,11 +17,11 @@ import optax
 from jax import lax
 
 from ..model.config import ModelConfig
-from ..model.decoder import forward
 from .losses import (DPO_LENGTH_NORMALISED, PG_LOSSES, SFT_LOSSES, Norms, dpo_loss,
-                     reduce_micro_metrics, target_mask, token_entropy, token_logprobs)
+                     reduce_micro_metrics, target_mask)
 from .optim import make_optimizer
 from .state import TrainState
+from .token_stats import model_token_stats
 
 _SEQ_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
@@ -64,11 +64,6 @@ def _apply(state: TrainState, grads, metrics, optimizer, schedule) -> tuple:
     return new_state, metrics
 
 
-def _forward(params, cfg, batch, prefix="", constrain=None):
-    return forward(params, batch[prefix + "tokens"], cfg, positions=batch.get(prefix + "positions"),
-                   segment_ids=batch[prefix + "segment_ids"], constrain=constrain)
-
-
 def _token_counts(batch, prefix=""):
     seg = batch[prefix + "segment_ids"]
     return jnp.sum((seg != 0).astype(jnp.float32))
@@ -87,7 +82,9 @@ def make_sft_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
         denom = jnp.maximum(jnp.sum(target_mask(batch)), 1.0)
 
         def loss_fn(params, mb):
-            return loss_impl(_forward(params, cfg, mb, constrain=constrain), mb, denom)
+            stats = model_token_stats(params, cfg, mb, constrain=constrain,
+                                      chunk=train_cfg.logits_chunk)
+            return loss_impl(stats, mb, denom)
 
         grads, metrics = _accumulate(loss_fn, state.params, batch,
                                      train_cfg.accumulation_steps)
@@ -98,22 +95,21 @@ def make_sft_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
 
 
 # --------------------------------------------------------------------------- DPO
-def _pair_logps(params, cfg, batch, constrain=None):
+def _pair_logps(params, cfg, batch, constrain=None, chunk=0):
     """Sequence log-prob sums and target counts for chosen and rejected ([b] each)."""
-    def sums(logits, prefix):
-        mask = target_mask({k: batch[prefix + k] for k in ("loss_mask", "segment_ids")})
-        lp = token_logprobs(logits, batch[prefix + "tokens"])
+    def sums(b, prefix=""):
+        mask = target_mask({k: b[prefix + k] for k in ("loss_mask", "segment_ids")})
+        lp = model_token_stats(params, cfg, b, prefix, constrain, chunk).logp
         return jnp.sum(lp * mask, -1), jnp.sum(mask, -1)
 
     if batch["chosen_tokens"].shape == batch["rejected_tokens"].shape:
+        # one forward over both sides
         both = {k: jnp.concatenate([batch["chosen_" + k], batch["rejected_" + k]])
                 for k in _SEQ_KEYS if "chosen_" + k in batch}
-        logits = _forward(params, cfg, both, constrain=constrain)
+        s, n = sums(both)
         b = batch["chosen_tokens"].shape[0]
-        (c_sum, c_n), (r_sum, r_n) = (sums(logits[:b], "chosen_"), sums(logits[b:], "rejected_"))
-    else:
-        c_sum, c_n = sums(_forward(params, cfg, batch, "chosen_", constrain), "chosen_")
-        r_sum, r_n = sums(_forward(params, cfg, batch, "rejected_", constrain), "rejected_")
+        return s[:b], n[:b], s[b:], n[b:]
+    (c_sum, c_n), (r_sum, r_n) = sums(batch, "chosen_"), sums(batch, "rejected_")
     return c_sum, c_n, r_sum, r_n
 
 
@@ -131,11 +127,13 @@ def make_dpo_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
             if state.ref_params is None:
                 raise ValueError("DPO step: the batch has no chosen_ref_logps/rejected_ref_logps "
                                  "and the state has no ref_params")
-            ref = _pair_logps(lax.stop_gradient(state.ref_params), cfg, batch, constrain)
+            ref = _pair_logps(lax.stop_gradient(state.ref_params), cfg, batch, constrain,
+                              train_cfg.logits_chunk)
             batch = dict(batch, chosen_ref_logps=ref[0], rejected_ref_logps=ref[2])
 
         def loss_fn(params, mb):
-            c_sum, c_n, r_sum, r_n = _pair_logps(params, cfg, mb, constrain)
+            c_sum, c_n, r_sum, r_n = _pair_logps(params, cfg, mb, constrain,
+                                                 train_cfg.logits_chunk)
             rc, rr = mb["chosen_ref_logps"], mb["rejected_ref_logps"]
             if normalise:  # trl: IPO compares average per-token log-probs
                 c_n, r_n = jnp.maximum(c_n, 1.0), jnp.maximum(r_n, 1.0)
@@ -184,11 +182,11 @@ def make_pg_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
                       max_length=jnp.float32(p.max_completion_length or t))
 
         def loss_fn(params, mb):
-            logits = _forward(params, cfg, mb, constrain=constrain)
-            logp = token_logprobs(logits, mb["tokens"])
+            stats = model_token_stats(params, cfg, mb, constrain=constrain,
+                                      chunk=train_cfg.logits_chunk, entropy=True)
+            logp, entropy = stats.logp, stats.entropy
             old = mb.get("old_logprobs")
             old = lax.stop_gradient(logp) if old is None else old.astype(jnp.float32)
-            entropy = token_entropy(logits)
             if not p.entropy_coef:
                 entropy = lax.stop_gradient(entropy)
             return loss_impl(logp, old, mb["advantages"], target_mask(mb), norms,

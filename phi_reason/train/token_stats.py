@@ -1,0 +1,57 @@
+"""Per-token statistics straight from the model, optionally without the [B, T, V] logits.
+
+With a 200k vocabulary the float32 logits of one 4096-token row are 3.3 GB, and autodiff keeps
+them (and their softmax) for the backward pass. `chunk > 0` computes the LM head, log-softmax,
+argmax and entropy `chunk` positions at a time in a `lax.scan` whose body is rematerialised, so
+only one chunk's logits ever exist, forward or backward. The numbers are the same formula
+(`losses.shifted_token_stats`) on the same logits, so they agree with the full path to float32
+rounding.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ..model.config import ModelConfig
+from ..model.decoder import forward, hidden_states, logits_from_hidden
+from .losses import TokenStats, align_to_tokens, shifted_token_stats, token_stats
+
+
+def chunked_token_stats(params, h, tokens, cfg: ModelConfig, chunk: int,
+                        entropy: bool = False) -> TokenStats:
+    """TokenStats from hidden states h [B, T, H] (before the final norm), `chunk` positions of
+    logits at a time."""
+    tokens = jnp.asarray(tokens)
+    b, t, _ = h.shape
+    n = t - 1  # positions 0..T-2 predict tokens 1..T-1
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    hs = jnp.pad(h[:, :-1], ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad)))
+    # [n_chunks, B, chunk, ...]: scan over the sequence in chunks
+    hs = hs.reshape(b, n_chunks, chunk, -1).swapaxes(0, 1)
+    targets = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(h_c, t_c):
+        return shifted_token_stats(logits_from_hidden(params, h_c, cfg), t_c, entropy)
+
+    def body(carry, xs):
+        return carry, one_chunk(*xs)
+
+    _, stats = lax.scan(body, None, (hs, targets))
+    unchunk = lambda x: None if x is None else x.swapaxes(0, 1).reshape(b, -1)[:, :n]  # noqa: E731
+    return TokenStats(*(align_to_tokens(unchunk(x)) for x in stats))
+
+
+def model_token_stats(params, cfg: ModelConfig, batch, prefix: str = "", constrain=None,
+                      chunk: int = 0, entropy: bool = False) -> TokenStats:
+    """TokenStats of `batch[prefix + "tokens"]` under the model (full logits when chunk == 0)."""
+    tokens = batch[prefix + "tokens"]
+    kw = dict(positions=batch.get(prefix + "positions"),
+              segment_ids=batch[prefix + "segment_ids"], constrain=constrain)
+    if not chunk:
+        return token_stats(forward(params, tokens, cfg, **kw), tokens, entropy)
+    return chunked_token_stats(params, hidden_states(params, tokens, cfg, **kw), tokens, cfg,
+                               chunk, entropy)
