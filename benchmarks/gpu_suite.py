@@ -32,9 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_reason.model import attention_kernels  # noqa: E402
 from phi_reason.model.attention import chunked_attention, reference_attention  # noqa: E402
 from phi_reason.model.config import ModelConfig  # noqa: E402
-from phi_reason.model.decoder import forward  # noqa: E402
 from phi_reason.model.kv_cache import decode_step, init_cache, split_layers  # noqa: E402
 from phi_reason.model.params import abstract_params, init_params, param_count  # noqa: E402
+from phi_reason.train.token_stats import model_token_stats  # noqa: E402
 
 # (dense bf16 FLOP/s, HBM bytes/s) by device-kind substring, from vendor data sheets.
 PEAKS = {"H200": (989e12, 4.8e12), "H100 PCIe": (756e12, 2.0e12), "H100": (989e12, 3.35e12),
@@ -163,13 +163,16 @@ def train_flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return 6 * n + attn
 
 
-def make_train_step(cfg):
+def make_train_step(cfg, logits_chunk: int = 0):
+    """AdamW step on the mean next-token NLL, through the trainer's `model_token_stats`
+    (`logits_chunk` > 0: no [B, T, V] logits, as with `train.logits_chunk`)."""
     opt = optax.adamw(1e-5, weight_decay=0.01)
 
     def loss_fn(params, tokens, segment_ids):
-        logits = forward(params, tokens, cfg, segment_ids=segment_ids)[:, :-1]
-        gold = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - gold)
+        seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
+        stats = model_token_stats(params, cfg, {"tokens": tokens, "segment_ids": seg},
+                                  chunk=logits_chunk)
+        return -jnp.mean(stats.logp[:, 1:])
 
     @jax.jit
     def init(key):
@@ -199,10 +202,10 @@ def layers_that_fit(cfg: ModelConfig, seq: int, batch: int) -> int:
 
 
 def time_train_step(c: ModelConfig, seq: int, batch: int, peak_flops: float,
-                    packed: bool = False) -> dict:
+                    packed: bool = False, logits_chunk: int = 0) -> dict:
     """packed: rows of 3 packed sequences + padding (segment ids; the Triton kernel on GPU),
     else one sequence per row (no segment ids; cuDNN on GPU)."""
-    init, step = make_train_step(c)
+    init, step = make_train_step(c, logits_chunk)
     params, opt_state = init(jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (batch, seq), 0, c.vocab_size)
     segment_ids = packed_segments(batch, seq) if packed else None
@@ -225,20 +228,21 @@ def time_train_step(c: ModelConfig, seq: int, batch: int, peak_flops: float,
                 peak_gib=stats.get("peak_bytes_in_use", 0) / 2 ** 30)
 
 
-def _train_row(cfg, seq, batch, remat, peak_flops, packed=False):
+def _train_row(cfg, seq, batch, remat, peak_flops, packed=False, logits_chunk=0):
     """One measured row; if the attention kernel fails to build (not an OOM), retried with
     attention='chunked' so that the MFU is still measured, and both outcomes are reported."""
     rows = []
     for attention in dict.fromkeys((cfg.attention, "chunked")):
         c = cfg.replace(remat=remat, attention=attention)
         row = {"layers": c.num_hidden_layers, "remat": remat, "attention": attention,
-               "segments": "packed" if packed else "single", "seq": seq, "batch": batch,
+               "segments": "packed" if packed else "single", "logits_chunk": logits_chunk,
+               "seq": seq, "batch": batch,
                "params": param_count(c)}
         if out_of_time():
             row["error"] = SKIPPED
             return rows + [row]
         try:
-            row.update(time_train_step(c, seq, batch, peak_flops, packed))
+            row.update(time_train_step(c, seq, batch, peak_flops, packed, logits_chunk))
         except Exception as e:  # noqa: BLE001 - an OOM is a result
             row["error"] = "OOM" if is_oom(e) else f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(row)
@@ -249,7 +253,7 @@ def _train_row(cfg, seq, batch, remat, peak_flops, packed=False):
 
 
 def bench_train(base: ModelConfig, seq: int, batches, remats, peak_flops, max_layers=None,
-                packed_row=True):
+                packed_row=True, logits_chunk=0):
     """Every (batch, remat) pair on the deepest model that fits the smallest batch (larger
     batches that do not fit are reported as OOM), then the best pair again on packed rows."""
     n_layers = (layers_that_fit(base, seq, min(batches)) if max_layers is None else max_layers)
@@ -257,14 +261,16 @@ def bench_train(base: ModelConfig, seq: int, batches, remats, peak_flops, max_la
     while n_layers >= 1:
         cfg = base.replace(num_hidden_layers=n_layers)
         results = [r for batch in batches for remat in remats
-                   for r in _train_row(cfg, seq, batch, remat, peak_flops)]
+                   for r in _train_row(cfg, seq, batch, remat, peak_flops,
+                                       logits_chunk=logits_chunk)]
         if any("mfu" in r for r in results) or not any(r.get("error") == "OOM" for r in results):
             break
         n_layers //= 2  # nothing fitted: retry smaller
     measured = [r for r in results if "mfu" in r]
     if packed_row and measured:
         best = max(measured, key=lambda r: r["mfu"])
-        results += _train_row(cfg, seq, best["batch"], best["remat"], peak_flops, packed=True)
+        results += _train_row(cfg, seq, best["batch"], best["remat"], peak_flops, packed=True,
+                              logits_chunk=logits_chunk)
     return results
 
 
@@ -345,7 +351,8 @@ def render_md(report) -> str:
         "## Train step (AdamW, bf16 compute, fp32 params)",
         "MFU = (6 N + attention) FLOPs per token x tokens / step time / peak; rows run in order "
         "in one process, so peak_gib is the peak of device memory so far, not of the row alone.",
-        table(report["train"], ["layers", "remat", "attention", "segments", "seq", "batch", "params",
+        table(report["train"], ["layers", "remat", "attention", "segments", "logits_chunk", "seq",
+                                "batch", "params",
                                 "compile_s", "step_s", "tokens_per_s", "tflops", "mfu",
                                 "peak_gib", "error"]),
         "## Decode (greedy, KV cache)",
@@ -373,6 +380,9 @@ def main(argv=None):
                     help="comma list of remat policies (default save_dots,full)")
     ap.add_argument("--triton-bwd-blocks", type=ints, default=(),
                     help="extra gpu_triton rows with these backward tiles (tuning)")
+    ap.add_argument("--logits-chunk", type=int, default=0,
+                    help="train rows with the loss's logits N positions at a time "
+                         "(train.logits_chunk; 0: all at once)")
     ap.add_argument("--layers", type=int, help="train this many layers (default: as many as fit)")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
@@ -408,6 +418,7 @@ def main(argv=None):
         train_args["remats"] = args.remats
     if args.layers:
         train_args["max_layers"] = args.layers
+    train_args["logits_chunk"] = args.logits_chunk
     attn_args["triton_bwd_blocks"] = args.triton_bwd_blocks
     report["meta"]["tag"] = args.tag
     os.makedirs(args.out_dir, exist_ok=True)
