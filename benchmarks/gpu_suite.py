@@ -34,6 +34,7 @@ from phi_reason.model.attention import chunked_attention, reference_attention  #
 from phi_reason.model.config import ModelConfig  # noqa: E402
 from phi_reason.model.kv_cache import decode_step, init_cache, split_layers  # noqa: E402
 from phi_reason.model.params import abstract_params, init_params, param_count  # noqa: E402
+from phi_reason.eval.files import atomic_open  # noqa: E402
 from phi_reason.train.token_stats import model_token_stats  # noqa: E402
 
 # (dense bf16 FLOP/s, HBM bytes/s) by device-kind substring, from vendor data sheets.
@@ -187,15 +188,16 @@ def make_train_step(cfg, logits_chunk: int = 0):
     return init, jax.jit(step, donate_argnums=(0, 1))
 
 
-def layers_that_fit(cfg: ModelConfig, seq: int, batch: int) -> int:
-    """Estimate: fp32 params + grads + AdamW moments (16 B/param), f32 logits and their gradient,
-    and bf16 layer-boundary activations, within 85% of device memory."""
+def layers_that_fit(cfg: ModelConfig, seq: int, batch: int, logits_chunk: int = 0) -> int:
+    """Estimate: fp32 params + grads + AdamW moments (16 B/param), f32 logits and their gradient
+    (one chunk of positions with `logits_chunk`), and bf16 layer-boundary activations, within
+    85% of device memory."""
     stats = jax.devices()[0].memory_stats() or {}
     limit = 0.85 * stats.get("bytes_limit", 16 * 2 ** 30)
     one = param_count(cfg.replace(num_hidden_layers=1))
     two = param_count(cfg.replace(num_hidden_layers=2))
     per_layer, fixed = two - one, one - (two - one)
-    logits = 3 * batch * seq * cfg.vocab_size * 4
+    logits = 3 * batch * (min(logits_chunk, seq) if logits_chunk else seq) * cfg.vocab_size * 4
     act = batch * seq * cfg.hidden_size * 2 * 4  # boundaries + a layer's live working set
     n = int((limit - 16 * fixed - logits) // (16 * per_layer + act))
     return max(1, min(n, cfg.num_hidden_layers))
@@ -236,8 +238,7 @@ def _train_row(cfg, seq, batch, remat, peak_flops, packed=False, logits_chunk=0)
         c = cfg.replace(remat=remat, attention=attention)
         row = {"layers": c.num_hidden_layers, "remat": remat, "attention": attention,
                "segments": "packed" if packed else "single", "logits_chunk": logits_chunk,
-               "seq": seq, "batch": batch,
-               "params": param_count(c)}
+               "seq": seq, "batch": batch, "params": param_count(c)}
         if out_of_time():
             row["error"] = SKIPPED
             return rows + [row]
@@ -256,7 +257,8 @@ def bench_train(base: ModelConfig, seq: int, batches, remats, peak_flops, max_la
                 packed_row=True, logits_chunk=0):
     """Every (batch, remat) pair on the deepest model that fits the smallest batch (larger
     batches that do not fit are reported as OOM), then the best pair again on packed rows."""
-    n_layers = (layers_that_fit(base, seq, min(batches)) if max_layers is None else max_layers)
+    n_layers = (layers_that_fit(base, seq, min(batches), logits_chunk) if max_layers is None
+                else max_layers)
     results = []
     while n_layers >= 1:
         cfg = base.replace(num_hidden_layers=n_layers)
@@ -361,13 +363,6 @@ def render_md(report) -> str:
     ]) + "\n"
 
 
-def write_atomic(path: str, text: str):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="attention / train-step MFU / decode suite")
     ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU, for tests)")
@@ -426,8 +421,10 @@ def main(argv=None):
 
     def write():
         report["meta"]["seconds"] = time.time() - t_start
-        write_atomic(stem + ".json", json.dumps(report, indent=1, default=str))
-        write_atomic(stem + ".md", render_md(report))
+        for path, text in ((stem + ".json", json.dumps(report, indent=1, default=str)),
+                           (stem + ".md", render_md(report))):
+            with atomic_open(path) as f:
+                f.write(text)
 
     # Headline first: if the run is cut short, the train-step MFU is already on disk.
     sections = {
