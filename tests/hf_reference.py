@@ -42,17 +42,17 @@ def params_from_hf(model: Phi3ForCausalLM, cfg: ModelConfig) -> dict:
         "layers": {
             "ln1": stack(lambda p: sd[p + "input_layernorm.weight"]),
             "ln2": stack(lambda p: sd[p + "post_attention_layernorm.weight"]),
-            "wq": stack(lambda p: qkv(p)[:q_rows].T.reshape(H, nH, hd)),
-            "wk": stack(lambda p: qkv(p)[q_rows:q_rows + kv_rows].T.reshape(H, nKV, hd)),
-            "wv": stack(lambda p: qkv(p)[q_rows + kv_rows:].T.reshape(H, nKV, hd)),
-            "wo": stack(lambda p: sd[p + "self_attn.o_proj.weight"].T.reshape(nH, hd, H)),
-            "w_gate": stack(lambda p: gate_up(p)[:I].T),
-            "w_up": stack(lambda p: gate_up(p)[I:].T),
-            "w_down": stack(lambda p: sd[p + "mlp.down_proj.weight"].T),
+            "wq": stack(lambda p: qkv(p)[:q_rows].reshape(nH, hd, H)),
+            "wk": stack(lambda p: qkv(p)[q_rows:q_rows + kv_rows].reshape(nKV, hd, H)),
+            "wv": stack(lambda p: qkv(p)[q_rows + kv_rows:].reshape(nKV, hd, H)),
+            "wo": stack(lambda p: sd[p + "self_attn.o_proj.weight"].reshape(H, nH, hd)),
+            "w_gate": stack(lambda p: gate_up(p)[:I]),
+            "w_up": stack(lambda p: gate_up(p)[I:]),
+            "w_down": stack(lambda p: sd[p + "mlp.down_proj.weight"]),
         },
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = sd["lm_head.weight"].T
+        params["lm_head"] = sd["lm_head.weight"]
     return params
 
 

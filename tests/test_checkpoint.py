@@ -108,7 +108,7 @@ def test_checkpoint_manager_sees_the_layout(converted):
 
 
 def test_leaf_layout_matches_hf_tensors(converted):
-    """Our leaves are the HF tensors split/transposed as PHI4_FACTS section 2 says."""
+    """Our leaves are the HF tensors split (fused ones) and reshaped, in torch's [out, in] order."""
     cfg = converted["cfg"]
     p = read_hf_params(converted["root"] / "hf")
     sd = {k: v.numpy() for k, v in converted["model"].state_dict().items()}
@@ -116,21 +116,23 @@ def test_leaf_layout_matches_hf_tensors(converted):
                           cfg.intermediate_size)
     i = cfg.num_hidden_layers - 1
     qkv = sd[f"model.layers.{i}.self_attn.qkv_proj.weight"]
-    np.testing.assert_array_equal(p["layers"]["wq"][i].reshape(-1, nH * hd), qkv[:nH * hd].T)
-    np.testing.assert_array_equal(p["layers"]["wk"][i].reshape(-1, nKV * hd),
-                                  qkv[nH * hd:(nH + nKV) * hd].T)
-    np.testing.assert_array_equal(p["layers"]["wv"][i].reshape(-1, nKV * hd),
-                                  qkv[(nH + nKV) * hd:].T)
-    np.testing.assert_array_equal(p["layers"]["wo"][i].reshape(nH * hd, -1),
-                                  sd[f"model.layers.{i}.self_attn.o_proj.weight"].T)
+    hid = cfg.hidden_size
+    np.testing.assert_array_equal(p["layers"]["wq"][i], qkv[:nH * hd].reshape(nH, hd, hid))
+    np.testing.assert_array_equal(p["layers"]["wk"][i],
+                                  qkv[nH * hd:(nH + nKV) * hd].reshape(nKV, hd, hid))
+    np.testing.assert_array_equal(p["layers"]["wv"][i],
+                                  qkv[(nH + nKV) * hd:].reshape(nKV, hd, hid))
+    np.testing.assert_array_equal(p["layers"]["wo"][i],
+                                  sd[f"model.layers.{i}.self_attn.o_proj.weight"]
+                                  .reshape(hid, nH, hd))
     gu = sd[f"model.layers.{i}.mlp.gate_up_proj.weight"]
-    np.testing.assert_array_equal(p["layers"]["w_gate"][i], gu[:inter].T)
-    np.testing.assert_array_equal(p["layers"]["w_up"][i], gu[inter:].T)
+    np.testing.assert_array_equal(p["layers"]["w_gate"][i], gu[:inter])
+    np.testing.assert_array_equal(p["layers"]["w_up"][i], gu[inter:])
     np.testing.assert_array_equal(p["layers"]["w_down"][i],
-                                  sd[f"model.layers.{i}.mlp.down_proj.weight"].T)
+                                  sd[f"model.layers.{i}.mlp.down_proj.weight"])
     np.testing.assert_array_equal(p["embed"], sd["model.embed_tokens.weight"])
     if not cfg.tie_word_embeddings:
-        np.testing.assert_array_equal(p["lm_head"], sd["lm_head.weight"].T)
+        np.testing.assert_array_equal(p["lm_head"], sd["lm_head.weight"])
 
 
 # ---------------------------------------------------------------- bf16

@@ -71,3 +71,25 @@ def test_bad_prompt_file_names_file_and_line(model_dir, tmp_path, content, match
     src.write_text(content)
     with pytest.raises(GenerateInputError, match=match):
         cli.main(["generate", "--model", model_dir[0], "--prompts", str(src), *ARGS])
+
+
+def test_streamer_waits_for_split_characters_and_flushes_broken_ones():
+    """A character split across tokens is printed whole once complete; bytes that never complete
+    one (any byte sequence can come out of a model) are printed as U+FFFD at the end, so the
+    streamed text always equals the decoded completion."""
+    import io
+
+    from phi_reason.generate.run import _Streamer
+
+    tok = load_tokenizer("char")
+    h, e1, e2 = tok.encode("hé")  # "é" is two UTF-8 bytes, one token each
+    out = io.StringIO()
+    s = _Streamer(tok, stops=(), out=out)
+    s(0, [h, e1])
+    assert out.getvalue() == ""  # ends in half of "é": held back
+    s(0, [e2])
+    assert out.getvalue() == "hé"
+    s(0, [h, e1])
+    assert out.getvalue() == "hé"
+    s.finish()  # the last byte never completes a character
+    assert out.getvalue() == "héh\ufffd" == tok.decode([h, e1, e2, h, e1])

@@ -103,7 +103,7 @@ def test_fold_temperature_divides_logits():
         params = {"final_norm": rng.normal(1.0, 0.1, hid).astype(np.float32),
                   "embed": rng.normal(size=(vocab, hid)).astype(np.float32)}
         if not tied:
-            params["lm_head"] = rng.normal(size=(hid, vocab)).astype(np.float32)
+            params["lm_head"] = rng.normal(size=(vocab, hid)).astype(np.float32)
         h = rng.normal(size=(2, 3, hid)).astype(np.float32)
         base = np.asarray(logits_from_hidden(params, h, cfg))
         folded_params = fold_temperature(params, 0.6)

@@ -40,16 +40,16 @@ LR = 1e-3
 EXPECTED_AXES = {
     ("embed",): ("tensor", "fsdp"),
     ("layers", "ln1"): (None, "fsdp"),
-    ("layers", "wq"): (None, "fsdp", "tensor", None),
-    ("layers", "wk"): (None, "fsdp", "tensor", None),
-    ("layers", "wv"): (None, "fsdp", "tensor", None),
-    ("layers", "wo"): (None, "tensor", None, "fsdp"),
+    ("layers", "wq"): (None, "tensor", None, "fsdp"),
+    ("layers", "wk"): (None, "tensor", None, "fsdp"),
+    ("layers", "wv"): (None, "tensor", None, "fsdp"),
+    ("layers", "wo"): (None, "fsdp", "tensor", None),
     ("layers", "ln2"): (None, "fsdp"),
-    ("layers", "w_gate"): (None, "fsdp", "tensor"),
-    ("layers", "w_up"): (None, "fsdp", "tensor"),
-    ("layers", "w_down"): (None, "tensor", "fsdp"),
+    ("layers", "w_gate"): (None, "tensor", "fsdp"),
+    ("layers", "w_up"): (None, "tensor", "fsdp"),
+    ("layers", "w_down"): (None, "fsdp", "tensor"),
     ("final_norm",): ("fsdp",),
-    ("lm_head",): ("fsdp", "tensor"),
+    ("lm_head",): ("tensor", "fsdp"),
 }
 
 
@@ -57,7 +57,7 @@ def expected_spec(path, mesh_shape):
     sizes = dict(zip(("data", "fsdp", "tensor"), mesh_shape))
     axes = EXPECTED_AXES[path]
     if path[-1] in ("wk", "wv") and CFG.num_key_value_heads % sizes["tensor"]:
-        axes = (None, "fsdp", None, None)  # GQA policy: 2 KV heads cannot split 4 ways
+        axes = (None, None, None, "fsdp")  # GQA policy: 2 KV heads cannot split 4 ways
     return P(*(a if a is not None and sizes[a] > 1 else None for a in axes))
 
 
@@ -200,14 +200,14 @@ def test_gqa_kv_heads_replicated_when_tensor_axis_larger(caplog, monkeypatch):
     monkeypatch.setattr(rules, "_warned", set())  # the warning is logged once per layout
     with caplog.at_level(logging.WARNING, logger="phi_reason.sharding.rules"):
         specs = flatten_params(param_partition_specs(CFG, {"data": 1, "fsdp": 2, "tensor": 4}))
-    assert specs[("layers", "wk")] == P(None, "fsdp", None, None)
-    assert specs[("layers", "wv")] == P(None, "fsdp", None, None)
-    assert specs[("layers", "wq")] == P(None, "fsdp", "tensor", None)
+    assert specs[("layers", "wk")] == P(None, None, None, "fsdp")
+    assert specs[("layers", "wv")] == P(None, None, None, "fsdp")
+    assert specs[("layers", "wq")] == P(None, "tensor", None, "fsdp")
     assert any("kv_heads=2" in r.getMessage() and "replicating" in r.getMessage()
                for r in caplog.records)
     # divisible: KV heads split like the query heads
     specs = flatten_params(param_partition_specs(CFG, {"data": 1, "fsdp": 4, "tensor": 2}))
-    assert specs[("layers", "wk")] == P(None, "fsdp", "tensor", None)
+    assert specs[("layers", "wk")] == P(None, "tensor", None, "fsdp")
 
 
 @pytest.mark.parametrize("sizes, cfg_kw, must_say", [
@@ -258,7 +258,7 @@ def test_rule_overrides_change_layout():
     assert spec_for(("batch", "seq", "embed"), (8, 16, 64), sizes) == P("fsdp", None, None)
     # pure tensor parallelism: embed unsharded
     specs = flatten_params(param_partition_specs(CFG, sizes, {"embed": None}))
-    assert specs[("layers", "wq")] == P(None, None, "tensor", None)
+    assert specs[("layers", "wq")] == P(None, "tensor", None, None)
     with pytest.raises(MeshError, match="unknown logical axis 'hidden'"):
         spec_for(("embed",), (64,), sizes, {"hidden": "fsdp"})
     with pytest.raises(MeshError, match="unknown mesh axis 'model'"):

@@ -101,13 +101,33 @@ def atomic_output_dir(out, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync_tree(tmp)  # the data is on disk before the name says the output is complete
     old = None
     if os.path.lexists(out):
         old = os.path.join(parent, f".{os.path.basename(out)}.old-{tag}")
         os.rename(out, old)
     os.rename(tmp, out)
+    _fsync_path(parent)
     if old is not None:
         if os.path.isdir(old) and not os.path.islink(old):
             shutil.rmtree(old)
         else:
             os.unlink(old)
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    """fsync every file and directory under `root` (TensorStore already syncs its own files;
+    ours - safetensors shards, JSON, copied tokenizer files - are synced here)."""
+    for d, _, files in os.walk(root):
+        for f in files:
+            if not os.path.islink(os.path.join(d, f)):
+                _fsync_path(os.path.join(d, f))
+        _fsync_path(d)

@@ -144,7 +144,7 @@ class HFCheckpoint:
 
     def read_leaf(self, path: Tuple[str, ...], dtype=None) -> np.ndarray:
         """One leaf in our layout. The destination is allocated once and filled in row chunks
-        of each HF tensor (transposed / cast on the way in), so the only memory beyond the leaf
+        of each HF tensor (cast on the way in when a dtype is asked for), so the only memory beyond the leaf
         is one chunk."""
         spec = param_specs(self.cfg)[path]
         out = np.empty(spec.shape, resolve_dtype(dtype) or self.stored_dtype(path))
@@ -277,7 +277,7 @@ def write_hf(cfg: ModelConfig, leaf_dtypes: Mapping[Tuple[str, ...], np.dtype],
                     src = hf_view(spec, leaf if p.layer is None else leaf[p.layer])
                     dt = hf_dtype[p.hf_name]
                     for r0, r1 in row_chunks(p.hf_block_shape, dt.itemsize):
-                        # transposes / casts one chunk at a time (no copy if already laid out)
+                        # casts one chunk at a time (no copy when the dtype already matches)
                         rows = np.ascontiguousarray(src[r0:r1], dtype=dt)
                         where[p.hf_name].write(p.hf_name, p.row_start + r0, rows)
                         del rows

@@ -1,10 +1,11 @@
 """Where each of our parameter leaves lives inside the Hugging Face state dict.
 
 Derived only from `param_specs(cfg)`: `hf_name` ("{i}" = layer), `hf_slice` (row range inside a
-fused tensor) and the logical axes. Torch `Linear.weight` is `[out, in]` while our layout is
-`x @ W`, so linear weights are transposed: a leaf whose first per-layer axis is "embed" has
-`in = hidden`, otherwise `out = hidden` (its last axis). The embedding table (first axis "vocab")
-and the norms are stored as they are.
+fused tensor) and the logical axes. Our linears use torch's `[out, in]` order (input dims
+trailing), so one layer of a leaf is a row-major reshape of its HF block: conversion moves bytes
+and never transposes. A linear whose first per-layer axis is "embed" (o_proj, down_proj) has
+`out = hidden` and the rest as input; every other linear has `in = hidden` (its last axis).
+The embedding table, lm_head and the norms keep their HF shapes.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from ..model.config import ModelConfig
-from ..model.params import ParamSpec, param_specs
+from ..model.params import ParamSpec, linear_shape, param_specs
 
 
 CHUNK_BYTES = 32 * 2**20  # rows moved per read/write: small next to any leaf, large for I/O
@@ -38,41 +39,21 @@ def num_layers(spec: ParamSpec) -> Optional[int]:
     return spec.shape[0] if spec.stacked else None
 
 
-def _is_linear(spec: ParamSpec) -> bool:
-    axes = spec.axes[1:] if spec.stacked else spec.axes
-    return len(axes) >= 2 and axes[0] != "vocab"
-
-
-def _in_out(spec: ParamSpec) -> Tuple[int, int]:
-    shape = layer_shape(spec)
-    axes = spec.axes[1:] if spec.stacked else spec.axes
-    size = int(np.prod(shape))
-    n_in = shape[0] if axes[0] == "embed" else size // shape[-1]
-    return n_in, size // n_in
-
-
 def hf_block_shape(spec: ParamSpec) -> Tuple[int, ...]:
-    """Shape of one layer of `spec` in HF layout (rows of the fused tensor when fused)."""
-    if _is_linear(spec):
-        n_in, n_out = _in_out(spec)
-        return (n_out, n_in)
-    return layer_shape(spec)
+    """Shape of one layer of `spec` in HF layout (rows of the fused tensor when fused): matrices
+    are torch's [out, in] (`linear_shape`), vectors keep their shape."""
+    shape = layer_shape(spec)
+    return linear_shape(spec) if len(shape) >= 2 else shape
 
 
 def hf_view(spec: ParamSpec, x: np.ndarray) -> np.ndarray:
-    """One layer of a leaf (our layout) seen in HF layout; a view when `x` is C-contiguous (a
-    fresh `np.empty` destination always is), else a copy (fine for reading from it only).
+    """One layer of a leaf (our layout) seen in HF layout: a reshape, so a view when `x` is
+    C-contiguous (a fresh `np.empty` destination always is).
 
-    Rows of the view are rows of the HF block, so a block can be moved in row chunks in either
-    direction (`view[r0:r1] = rows` to read, `rows = view[r0:r1]` to write) without ever
-    materialising a transposed copy of a whole leaf.
+    Rows of the view are rows of the HF block, so a block moves in row chunks in either direction
+    (`view[r0:r1] = rows` to read, `rows = view[r0:r1]` to write) as plain memory copies.
     """
-    if _is_linear(spec):
-        n_in, n_out = _in_out(spec)
-        view = x.reshape(n_in, n_out).T
-    else:
-        view = x.reshape(hf_block_shape(spec))
-    return view
+    return x.reshape(hf_block_shape(spec))
 
 
 def row_chunks(block_shape: Tuple[int, ...], itemsize: int,

@@ -96,6 +96,13 @@ class _Streamer:
         self.out.flush()
         self.printed = text
 
+    def finish(self):
+        """Print what is still held back: bytes that never completed a character (a model can
+        emit any byte sequence) come out as U+FFFD, as in the final decoded completion."""
+        text = self.tokenizer.decode(self.ids)
+        self.out.write(text[len(self.printed):])
+        self.printed = text
+
 
 def _write_atomically(path: str, lines: List[str]) -> None:
     from ..eval.files import atomic_open  # the package's one temp-then-rename writer
@@ -127,6 +134,7 @@ def main(model, prompt=None, prompts=None, output=None, chat_format=None, tokeni
     if prompt is not None:
         streamer = _Streamer(tok, stops, sys.stdout)
         out = generate(params, cfg, ids, on_tokens=streamer, **kw)
+        streamer.finish()
         sys.stdout.write("\n")
         sys.stdout.flush()
         print(f"[{out.finish_reasons[0]}: {len(out.tokens[0])} tokens]", file=sys.stderr)

@@ -34,20 +34,24 @@ def rms_norm(x, weight, eps):
 
 
 def dense(x, w, n_in: int = 1, preferred_element_type=None):
-    """x [..., *in] times w [*in, *out], computed over flattened tokens [N, *in].
+    """x [..., *in] times a linear weight w [*out, *in] (torch's layout: input dims trailing),
+    computed over flattened tokens [N, *in] -> [..., *out].
 
-    XLA CPU runs contractions with several batch-like dims (einsum "bth,hi->bti", and above all
+    XLA CPU runs contractions with several batch-like dims (einsum "bth,ih->bti", and above all
     its weight gradient, which contracts over both b and t) ~1.6x slower than the same product
     over [B*T, ...]; the reshapes are free (row-major bitcasts) and GSPMD keeps the batch sharding
-    on the merged leading dim. `w` keeps its shape (its gradient needs no reshape), and an `x`
-    that is already [N, *in] is used as is: callers flatten a shared input once, so the backward
-    pass saves it once.
+    on the merged leading dim. Both operands are viewed 2-D ([N, in] x [out, in]): with several
+    output dims (wq's [nH, hd, H]) XLA CPU would copy the weight into [in, out] order on every
+    call, while a 2-D product with a transposed operand runs natively. An `x` that is already
+    [N, in] is used as is: callers flatten a shared input once, so the backward saves it once.
     """
-    lead = x.shape[:x.ndim - n_in]
-    x2 = x.reshape((-1,) + x.shape[x.ndim - n_in:])
-    contract = (tuple(range(1, 1 + n_in)), tuple(range(n_in)))
-    y = lax.dot_general(x2, w, (contract, ((), ())), preferred_element_type=preferred_element_type)
-    return y.reshape(lead + w.shape[n_in:])
+    lead, out_shape = x.shape[:x.ndim - n_in], w.shape[:w.ndim - n_in]
+    n_in_total = math.prod(w.shape[w.ndim - n_in:])
+    x2 = x.reshape(-1, n_in_total)
+    w2 = w.reshape(-1, n_in_total)  # [out, in]; XLA CPU transposes a 3-D weight on every call
+    y = lax.dot_general(x2, w2, (((1,), (1,)), ((), ())),
+                        preferred_element_type=preferred_element_type)
+    return y.reshape(lead + out_shape)
 
 
 def positions_from_segments(segment_ids):
@@ -76,7 +80,7 @@ def attention_inputs(lp, x, cfg: ModelConfig, cos, sin):
 def attention_output(lp, x, attn, cfg: ModelConfig):
     """Output projection + residual."""
     attn = checkpoint_name(attn, "attn_out")
-    # (heads, head_dim) contracted in storage order, so `wo` is never transposed.
+    # wo [H, nH, hd]: (heads, head_dim) contracted in storage order, no reshape of `wo`.
     return x + dense(attn, lp["wo"].astype(jnp.dtype(cfg.dtype)), n_in=2)
 
 
@@ -107,14 +111,10 @@ def embed_tokens(params, tokens, cfg: ModelConfig):
 
 
 def logits_from_hidden(params, h, cfg: ModelConfig):
-    """Final norm and LM head; float32 logits."""
+    """Final norm and LM head ([V, H]: the embedding table when tied); float32 logits."""
     h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
-    if cfg.tie_word_embeddings:
-        h2 = h.reshape(-1, h.shape[-1])
-        logits = lax.dot_general(h2, params["embed"].astype(h.dtype), (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-        return logits.reshape(h.shape[:-1] + logits.shape[-1:])
-    return dense(h, params["lm_head"].astype(h.dtype), preferred_element_type=jnp.float32)
+    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    return dense(h, head.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 def hidden_states(params, tokens, cfg: ModelConfig, positions=None, segment_ids=None,
