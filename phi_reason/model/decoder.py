@@ -33,6 +33,9 @@ def rms_norm(x, weight, eps):
     return y.astype(x.dtype) * weight.astype(x.dtype)
 
 
+SKINNY_ROWS = 64  # at most this many rows: the weight-major product (see `dense`)
+
+
 def dense(x, w, n_in: int = 1, preferred_element_type=None):
     """x [..., *in] times a linear weight w [*out, *in] (torch's layout: input dims trailing),
     computed over flattened tokens [N, *in] -> [..., *out].
@@ -49,8 +52,15 @@ def dense(x, w, n_in: int = 1, preferred_element_type=None):
     n_in_total = math.prod(w.shape[w.ndim - n_in:])
     x2 = x.reshape(-1, n_in_total)
     w2 = w.reshape(-1, n_in_total)  # [out, in]; XLA CPU transposes a 3-D weight on every call
-    y = lax.dot_general(x2, w2, (((1,), (1,)), ((), ())),
-                        preferred_element_type=preferred_element_type)
+    if x2.shape[0] <= SKINNY_ROWS and jax.default_backend() == "cpu":
+        # Decode-sized products: [out, in] x [N, in]^T with the weight as the long operand reads
+        # it 1.2-2x faster on XLA CPU than the [N, out] form (measured for N = 1..64). The barrier
+        # stops the algebraic simplifier from folding the transpose back into the dot.
+        y = lax.optimization_barrier(lax.dot_general(
+            w2, x2, (((1,), (1,)), ((), ())), preferred_element_type=preferred_element_type)).T
+    else:
+        y = lax.dot_general(x2, w2, (((1,), (1,)), ((), ())),
+                            preferred_element_type=preferred_element_type)
     return y.reshape(lead + out_shape)
 
 
