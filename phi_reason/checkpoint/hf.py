@@ -144,8 +144,8 @@ class HFCheckpoint:
 
     def read_leaf(self, path: Tuple[str, ...], dtype=None) -> np.ndarray:
         """One leaf in our layout. The destination is allocated once and filled in row chunks
-        of each HF tensor (cast on the way in when a dtype is asked for), so the only memory beyond the leaf
-        is one chunk."""
+        of each HF tensor (cast on the way in when a dtype is asked for), so the only memory
+        beyond the leaf is one chunk."""
         spec = param_specs(self.cfg)[path]
         out = np.empty(spec.shape, resolve_dtype(dtype) or self.stored_dtype(path))
         for p in leaf_pieces(spec):

@@ -90,17 +90,17 @@ class _Streamer:
     def __call__(self, _index, new_ids):
         self.ids.extend(decodable(self.tokenizer, [t for t in new_ids if t not in self.stops]))
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # incomplete character: wait for its remaining bytes
-            return
-        self.out.write(text[len(self.printed):])
-        self.out.flush()
-        self.printed = text
+        if not text.endswith("\ufffd"):  # else an incomplete character: wait for its bytes
+            self._emit(text)
 
     def finish(self):
         """Print what is still held back: bytes that never completed a character (a model can
         emit any byte sequence) come out as U+FFFD, as in the final decoded completion."""
-        text = self.tokenizer.decode(self.ids)
+        self._emit(self.tokenizer.decode(self.ids))
+
+    def _emit(self, text):
         self.out.write(text[len(self.printed):])
+        self.out.flush()
         self.printed = text
 
 
