@@ -12,7 +12,12 @@ Two clocks per step (the page cache is flushed with `sync` before each step star
             write durably (TensorStore and our safetensors writer fsync before the output is
             renamed into place), so `durable` is the like-for-like comparison with `cp`.
 
-    python benchmarks/convert_memory.py [--workdir /tmp] [--preset phi-4-mini] [--keep]
+    python benchmarks/convert_memory.py [--workdir /tmp] [--preset phi-4-mini] [--repeats 3]
+                                        [--keep]
+
+Each step runs `--repeats` times (outputs deleted between runs, off the clock); the table shows
+medians and the largest peak RSS, and the individual runs are listed under it (the disk of a
+shared VM is noisy: single runs of the same step here differ by up to 1.5x).
 
 Goal (issue 3): peak RSS < 60% of the checkpoint size; throughput within 2x of `cp`.
 Both ratios are printed.
@@ -23,6 +28,7 @@ import argparse
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -100,6 +106,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=tempfile.gettempdir())
     ap.add_argument("--preset", default="phi-4-mini")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each step (median shown)")
     ap.add_argument("--keep", action="store_true", help="keep the temp files")
     args = ap.parse_args()
     py = sys.executable
@@ -117,15 +124,23 @@ def main():
         rows = []
         _, base_rss, _ = run_child([py, "-c", IMPORTS_ONLY])
         rows.append(("python+jax+orbax imports only", None, None, base_rss))
-        steps = [("cp -r (baseline)", ["cp", "-r", hf, hf_cp]),
-                 ("HF -> Orbax", [py, "-c", TO_ORBAX.format(a=hf, b=orb)]),
-                 ("Orbax -> HF", [py, "-c", TO_HF.format(a=orb, b=hf2, shard="4GB")])]
-        for name, argv in steps:
-            os.sync()  # nothing written earlier may be flushed on this step's clock
-            t0 = time.perf_counter()
-            wall, rss, _ = run_child(argv)
-            os.sync()
-            rows.append((name, wall, time.perf_counter() - t0, rss))
+        steps = [("cp -r (baseline)", ["cp", "-r", hf, hf_cp], hf_cp),
+                 ("HF -> Orbax", [py, "-c", TO_ORBAX.format(a=hf, b=orb)], orb),
+                 ("Orbax -> HF", [py, "-c", TO_HF.format(a=orb, b=hf2, shard="4GB")], hf2)]
+        runs = {name: [] for name, _, _ in steps}
+        for rep in range(args.repeats):
+            for name, argv, output in steps:
+                if rep:  # the previous run's (the last run's output stays for the comparison)
+                    shutil.rmtree(output)
+                os.sync()  # nothing written earlier may be flushed on this step's clock
+                t0 = time.perf_counter()
+                wall, rss, _ = run_child(argv)
+                os.sync()
+                runs[name].append((wall, time.perf_counter() - t0, rss))
+        for name, _, _ in steps:
+            rows.append((name, statistics.median(r[0] for r in runs[name]),
+                         statistics.median(r[1] for r in runs[name]),
+                         max(r[2] for r in runs[name])))
         cp_wall, cp_durable = rows[1][1], rows[1][2]
         print("| step | returned s | durable s | GB/s (durable) | vs cp (returned) "
               "| vs cp + sync (durable) | peak RSS GB | RSS / checkpoint |")
@@ -137,6 +152,9 @@ def main():
                 print(f"| {name} | {wall:.1f} | {durable:.1f} | {size / durable / 1e9:.2f} | "
                       f"{wall / cp_wall:.2f}x | {durable / cp_durable:.2f}x | {rss / 1e9:.2f} | "
                       f"{rss / size:.0%} |")
+        print(f"\nmedians of {args.repeats} runs; each run as returned / durable seconds:")
+        for name, _, _ in steps:
+            print(f"  {name}: " + ", ".join(f"{w:.1f} / {d:.1f}" for w, d, _ in runs[name]))
         print(f"\nOrbax checkpoint on disk: {du(orb) / 1e9:.2f} GB")
         _, _, out = run_child([py, "-c", COMPARE.format(a=hf, b=hf2)])
         print(f"round trip HF -> Orbax -> HF: {out.strip()}")

@@ -6,6 +6,7 @@ two properties it rests on, deterministically and cheaply.
 import gc
 import weakref
 
+import numpy as np
 import pytest
 
 from checkpoint_fixtures import FAMILIES, hf_tensors, make_hf_model, same_bits
@@ -77,3 +78,42 @@ def test_streaming_frees_each_leaf_before_the_next(tmp_path, gc_off):
     # for a moment after `partial.save` returns (seen in about one run in two), hence <= 1.
     assert len(seen_save) == n + 1 and max(seen_save) <= 1, seen_save
     assert seen_restore == [0] * (n + 1)  # a restored leaf dies when the consumer drops it
+
+
+def test_reused_read_buffer_gives_the_same_leaves(tmp_path):
+    """HF -> Orbax reads every leaf into one buffer (valid until the next leaf is requested):
+    each leaf must equal a fresh read, and consecutive leaves really share that buffer."""
+    cfg = FAMILIES["phi4mini"]  # tied + fused layouts; float32 and a bf16 cast below
+    make_hf_model(cfg, seed=2).save_pretrained(tmp_path / "hf")
+    with HFCheckpoint(tmp_path / "hf") as ck:
+        for dtype in (None, "bfloat16"):
+            previous = None
+            for path, leaf in ck.iter_leaves(dtype, reuse_buffer=True):
+                fresh = ck.read_leaf(path, dtype)
+                assert leaf.dtype == fresh.dtype and leaf.shape == fresh.shape, path
+                assert leaf.tobytes() == fresh.tobytes(), path
+                if previous is not None:
+                    assert np.shares_memory(leaf, previous), path
+                previous = leaf
+
+
+def test_orbax_save_defers_fsync_to_publish_and_restores_orbax():
+    """During a save TensorStore's per-file fsync is off (the output is fsynced once before it
+    is renamed into place); outside it, and after an error inside it, Orbax is untouched."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+    from phi_reason.checkpoint import orbax_io
+
+    def file_io_sync():
+        return tensorstore_utils.get_ts_context(use_ocdbt=True).spec.to_json().get("file_io_sync")
+
+    original = tensorstore_utils.get_ts_context
+    assert file_io_sync() is None  # Orbax's default context: TensorStore's default (sync on)
+    with orbax_io._fsync_deferred_to_publish():
+        assert file_io_sync() is False
+        spec = tensorstore_utils.get_ts_context(use_ocdbt=True).spec.to_json()
+        assert "cache_pool#ocdbt" in spec  # the rest of Orbax's context is kept
+    assert tensorstore_utils.get_ts_context is original
+    with pytest.raises(RuntimeError):
+        with orbax_io._fsync_deferred_to_publish():
+            raise RuntimeError("save failed")
+    assert tensorstore_utils.get_ts_context is original

@@ -124,8 +124,9 @@ def _fsync_path(path: str) -> None:
 
 
 def _fsync_tree(root: str) -> None:
-    """fsync every file and directory under `root` (TensorStore already syncs its own files;
-    ours - safetensors shards, JSON, copied tokenizer files - are synced here)."""
+    """fsync every file and directory under `root`. Our writers leave durability to this one
+    pass (TensorStore's per-file sync is off during Orbax saves; safetensors shards, JSON and
+    copied tokenizer files are plain writes)."""
     for d, _, files in os.walk(root):
         for f in files:
             if not os.path.islink(os.path.join(d, f)):

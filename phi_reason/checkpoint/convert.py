@@ -36,8 +36,9 @@ def hf_to_orbax(hf_dir, out, dtype=None, overwrite=False, progress=True):
         cfg = cfg.replace(param_dtype=dtype_name(dtypes[("embed",)]))
         total = sum(_nbytes(ck.cfg, p, dt) for p, dt in dtypes.items())
         with _progress_bar(total, "hf -> orbax", progress) as update:
-            path = save_orbax(cfg, ck.iter_leaves(dtype), out, overwrite=overwrite,
-                              progress=update)
+            # save_orbax writes each leaf before asking for the next: one read buffer serves all
+            leaves = ck.iter_leaves(dtype, reuse_buffer=True)
+            path = save_orbax(cfg, leaves, out, overwrite=overwrite, progress=update)
     print(f"wrote Orbax checkpoint {path}", file=sys.stderr)
 
 
