@@ -7,6 +7,7 @@ machine load hits both alike; the median of the timed runs is reported.
 
     python benchmarks/train_step_cpu.py                 # both configs, 5 timed runs each
     python benchmarks/train_step_cpu.py --only 0.5m --runs 3 --out benchmarks/results/x.md
+    python benchmarks/train_step_cpu.py --default-allocator   # without phi_reason.host_allocator
 """
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ import sys
 import time
 
 THREADS = int(os.environ.get("BENCH_THREADS", "2"))
+
+# Before JAX starts its threads (see phi_reason/host_allocator.py); the CLI does the same for
+# training on the CPU. The HF step runs in this process too, so both sides get the same allocator.
+from phi_reason.host_allocator import tune_for_cpu  # noqa: E402
+
+ALLOCATOR_TUNED = "--default-allocator" not in sys.argv and tune_for_cpu()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -133,7 +140,9 @@ def describe_machine() -> str:
     return (f"{cpu}, {os.cpu_count()} cores visible, {THREADS} threads; python "
             f"{platform.python_version()}, jax {jax.__version__} ({jax.default_backend()}), "
             f"torch {torch.__version__}, transformers {transformers.__version__}; "
-            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average at the end "
+            f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; host allocator: "
+            f"{'tuned (phi_reason.host_allocator)' if ALLOCATOR_TUNED else 'glibc default'}; "
+            f"load average at the end "
             f"{os.getloadavg()[0]:.1f} (other processes share these cores)")
 
 
@@ -164,6 +173,9 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--attention", default="auto")
     ap.add_argument("--out", help="also write the markdown table here")
+    ap.add_argument("--default-allocator", action="store_true",
+                    help="leave glibc's malloc settings alone (read before JAX is imported; "
+                         "default: phi_reason.host_allocator.tune_for_cpu, as the CLI does)")
     ap.add_argument("--trainer", action="store_true",
                     help="also run the step through the full trainer (grain data, JSONL + "
                          "TensorBoard + progress bar, checkpoint manager) and report its overhead "

@@ -184,8 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run a model: on the CPU backend they keep XLA's step buffers (host_allocator).
+_MODEL_COMMANDS = {"demo", "generate", "sft", "dpo", "rl", "rollout-dpo", "eval"}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in _MODEL_COMMANDS:
+        from phi_reason.host_allocator import tune_for_cpu
+        tune_for_cpu()  # before anything imports JAX
     try:
         rc = args.fn(args)
     except KeyboardInterrupt:
