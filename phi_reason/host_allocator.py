@@ -7,7 +7,9 @@ pages and the kernel zero-fills each one. Measured on the CPU train-step benchma
 (benchmarks/train_step_cpu.py, 2 cores): the 30M step faults in 3.1 GB per step (~2.7 s of kernel
 time in a ~10 s step), the 0.5M step 0.3 GB (0.25 s of 0.42 s). With a single arena, no `mmap`
 for large blocks and no trimming of the heap top, freed blocks are reused by the next step: zero
-faults per step, and the 0.5M step runs in ~0.33 s instead of ~0.42 s.
+faults per step, and the 0.5M step runs in ~0.34 s instead of ~0.45 s. A temp space above
+2 GiB (the 30M step's 3.1 GB) is still trimmed every step: glibc caps the trim threshold at
+INT_MAX, so that step is unchanged.
 
 The price: the process keeps its peak heap instead of returning it between steps (which is what a
 training or sampling loop wants), and all threads share one arena (no contention to speak of with
