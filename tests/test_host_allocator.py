@@ -17,16 +17,16 @@ STEP_FAULTS = textwrap.dedent("""
         assert tune_for_cpu(force=True)
     import jax, jax.numpy as jnp
 
-    def loss(w, x):  # a few [4096, 1024] f32 intermediates: ~80 MB of XLA temp space
+    def loss(w, x):  # a few [3072, 1024] f32 intermediates: ~60 MB of XLA temp space
         h = jnp.tanh(x @ w)
         g = jnp.tanh(h @ w)
         return jnp.sum(jnp.tanh(g @ w) * h)
 
     step = jax.jit(jax.grad(loss))
-    x = jnp.ones((4096, 1024), jnp.float32)
+    x = jnp.ones((3072, 1024), jnp.float32)
     w = jnp.full((1024, 1024), 1e-3, jnp.float32)
     faults = []
-    for _ in range(12):
+    for _ in range(9):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         w = w - 1e-3 * step(w, x)
         w.block_until_ready()
@@ -46,10 +46,11 @@ def _faults_per_step(mode):
 def test_tuned_process_stops_faulting_in_step_buffers():
     default, tuned = _faults_per_step("default"), _faults_per_step("tuned")
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    # Without tuning every step faults its ~80 MB of temp space in again (~20k 4 KiB pages);
-    # with it the heap keeps the freed blocks and most steps fault nothing at all.
-    assert median(default) > 10_000, default
-    assert median(tuned) == 0, tuned
+    # Without tuning every step faults its ~60 MB of temp space in again (~15k 4 KiB pages);
+    # with it the heap keeps the freed blocks: a typical step faults nothing, or a few pages
+    # while the heap settles (seen: medians 0-650 pages, also under a parallel test run).
+    assert median(default) > 7_500, default
+    assert median(tuned) < median(default) / 8, (tuned, default)
 
 
 def test_cpu_backend_expected_reads_jax_platforms(monkeypatch):
