@@ -46,7 +46,7 @@ def _faults_per_step(mode):
 def test_tuned_process_stops_faulting_in_step_buffers():
     default, tuned = _faults_per_step("default"), _faults_per_step("tuned")
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    # Without tuning every step faults its ~60 MB of temp space in again (~15k 4 KiB pages);
+    # Without tuning every step faults its temp space in again (~25k 4 KiB pages here);
     # with it the heap keeps the freed blocks: a typical step faults nothing, or a few pages
     # while the heap settles (seen: medians 0-650 pages, also under a parallel test run).
     assert median(default) > 7_500, default
