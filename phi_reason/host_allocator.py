@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 from importlib import util as importlib_util
@@ -38,6 +39,15 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _NEVER_TRIM = 2**31 - 1  # mallopt takes an int; 2 GiB of free heap top before trimming
 OPT_OUT_ENV = "PHI_REASON_HOST_ALLOCATOR"  # "default": leave glibc's settings alone
+
+
+@functools.lru_cache(maxsize=None)
+def libc_function(name: str):
+    """A function of the process's C library, or None where it has none (musl, macOS)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def cpu_backend_expected() -> bool:
@@ -58,10 +68,8 @@ def tune_for_cpu(force: bool = False) -> bool:
         return False
     if "jax" in sys.modules or not (force or cpu_backend_expected()):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = libc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return all(mallopt(param, value) == 1 for param, value in (

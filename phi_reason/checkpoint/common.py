@@ -3,8 +3,6 @@ size parsing and dtype names."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import os
 import re
 import shutil
@@ -13,6 +11,8 @@ from typing import Iterator, Optional
 
 import ml_dtypes
 import numpy as np
+
+from ..host_allocator import libc_function
 
 
 class CheckpointError(ValueError):
@@ -50,17 +50,10 @@ def release_freed_memory() -> None:
     glibc keeps those arenas after they are freed, so without this the process's RSS after
     each leaf carries up to one more leaf of dead memory into the next. No-op off glibc.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            _malloc_trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    malloc_trim = libc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
-
-_malloc_trim = None
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
