@@ -254,23 +254,32 @@ def _train_row(cfg, seq, batch, remat, peak_flops, packed=False, logits_chunk=0)
 
 
 def bench_train(base: ModelConfig, seq: int, batches, remats, peak_flops, max_layers=None,
-                packed_row=True, logits_chunk=0):
-    """Every (batch, remat) pair on the deepest model that fits the smallest batch (larger
-    batches that do not fit are reported as OOM), then the best pair again on packed rows."""
-    n_layers = (layers_that_fit(base, seq, min(batches), logits_chunk) if max_layers is None
-                else max_layers)
+                packed_row=True, logits_chunk=0, oom_retries=2):
+    """Every (batch, remat) pair, then the best pair again on packed rows.
+
+    Depth: `max_layers` as an int applies to every batch, as a {batch: layers} dict per batch;
+    None: the deepest model that fits the smallest batch (`layers_that_fit`). A row that runs out
+    of memory is retried up to `oom_retries` times one layer shallower (the OOM rows are kept)."""
+    if max_layers is None:
+        max_layers = layers_that_fit(base, seq, min(batches), logits_chunk)
+    depth = dict(max_layers) if isinstance(max_layers, dict) else {}
     results = []
-    while n_layers >= 1:
-        cfg = base.replace(num_hidden_layers=n_layers)
-        results = [r for batch in batches for remat in remats
-                   for r in _train_row(cfg, seq, batch, remat, peak_flops,
-                                       logits_chunk=logits_chunk)]
-        if any("mfu" in r for r in results) or not any(r.get("error") == "OOM" for r in results):
-            break
-        n_layers //= 2  # nothing fitted: retry smaller
+    for batch in batches:
+        for remat in remats:
+            n_layers = depth.get(batch, max_layers if isinstance(max_layers, int) else None)
+            if n_layers is None:
+                n_layers = layers_that_fit(base, seq, batch, logits_chunk)
+            for attempt in range(oom_retries + 1):
+                cfg = base.replace(num_hidden_layers=n_layers)
+                rows = _train_row(cfg, seq, batch, remat, peak_flops, logits_chunk=logits_chunk)
+                results += rows
+                if rows[-1].get("error") != "OOM" or n_layers == 1:
+                    break
+                n_layers -= 1
     measured = [r for r in results if "mfu" in r]
     if packed_row and measured:
         best = max(measured, key=lambda r: r["mfu"])
+        cfg = base.replace(num_hidden_layers=best["layers"])
         results += _train_row(cfg, seq, best["batch"], best["remat"], peak_flops, packed=True,
                               logits_chunk=logits_chunk)
     return results
@@ -363,6 +372,14 @@ def render_md(report) -> str:
     ]) + "\n"
 
 
+def _layers_arg(text: str):
+    """'N' -> N; 'B:N,B:N' -> {B: N}."""
+    if ":" not in text:
+        return int(text)
+    pairs = (item.split(":") for item in text.split(","))
+    return {int(b): int(n) for b, n in pairs}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="attention / train-step MFU / decode suite")
     ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU, for tests)")
@@ -372,13 +389,15 @@ def main(argv=None):
     ints = lambda text: tuple(int(x) for x in text.split(","))
     ap.add_argument("--train-batches", type=ints, help="comma list (default 1,2,4)")
     ap.add_argument("--remats", type=lambda t: tuple(t.split(",")),
-                    help="comma list of remat policies (default save_dots,full)")
+                    help="comma list of remat policies (default save_dots_attn,save_dots,full)")
     ap.add_argument("--triton-bwd-blocks", type=ints, default=(),
                     help="extra gpu_triton rows with these backward tiles (tuning)")
     ap.add_argument("--logits-chunk", type=int, default=0,
                     help="train rows with the loss's logits N positions at a time "
                          "(train.logits_chunk; 0: all at once)")
-    ap.add_argument("--layers", type=int, help="train this many layers (default: as many as fit)")
+    ap.add_argument("--layers", type=_layers_arg,
+                    help="train this many layers, for every batch (N) or per batch "
+                         "(BATCH:N,...; e.g. 2:31,4:26); default: as many as fit")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--budget-s", type=float, default=float("inf"),
                     help="start no new measurement after this many seconds (rows left are "
@@ -399,7 +418,7 @@ def main(argv=None):
         base = ModelConfig.preset("phi-4-mini").replace(dtype="bfloat16", param_dtype="float32",
                                                         attention="auto")
         attn_args = dict(seq_lens=(4096, 16384), heads=24, kv_heads=8, head_dim=128)
-        train_args = dict(seq=4096, batches=(1, 2, 4), remats=("save_dots", "full"),
+        train_args = dict(seq=4096, batches=(1, 2, 4), remats=("save_dots_attn", "save_dots", "full"),
                           max_layers=None)
         decode_args = dict(batches=(1, 16, 64), context=2048, steps=64)
     report = {"meta": {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),

@@ -157,7 +157,7 @@ def _add_plan(sub):
     p.add_argument("--batch", type=int, default=1, help="global batch (sequences)")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--remat", default="full",
-                   help="none | full | save_dots | save_attn_out | save_qkv_proj")
+                   help="none | full | save_dots | save_dots_attn | save_attn_out | save_qkv_proj")
     p.add_argument("--accelerator", default="h100", help="h100 | h200 | v5e | v5p | v6e")
     p.add_argument("--param-dtype", default="float32")
     p.add_argument("--compute-dtype", default="bfloat16")

@@ -57,3 +57,32 @@ def test_tiny_suite_writes_json_and_markdown(suite_output):
     for heading in ("## Attention", "## Train step", "## Decode"):
         assert heading in md
     assert "gpu_triton" in md and "roofline_fraction" in md
+
+
+def test_train_depth_per_batch_and_one_layer_shallower_after_an_oom(monkeypatch):
+    """No compilation: rows are faked so the depth logic alone is checked (OOM above 5 layers)."""
+    spec = importlib.util.spec_from_file_location("gpu_suite_depth", SUITE)
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+
+    def fake_row(cfg, seq, batch, remat, peak_flops, packed=False, logits_chunk=0):
+        row = {"layers": cfg.num_hidden_layers, "batch": batch, "remat": remat,
+               "segments": "packed" if packed else "single"}
+        row.update({"error": "OOM"} if cfg.num_hidden_layers > 5 else
+                   {"mfu": batch / 10 + (remat == "a") / 100})
+        return [row]
+
+    monkeypatch.setattr(suite, "_train_row", fake_row)
+    base = suite.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2)
+    assert suite._layers_arg("2:7,4:5") == {2: 7, 4: 5} and suite._layers_arg("6") == 6
+    rows = suite.bench_train(base, 16, (2, 4), ("a", "b"), 1.0, max_layers={2: 7, 4: 5})
+    got = [(r["batch"], r["remat"], r["layers"], r.get("error")) for r in rows]
+    assert got == [(2, "a", 7, "OOM"), (2, "a", 6, "OOM"), (2, "a", 5, None),
+                   (2, "b", 7, "OOM"), (2, "b", 6, "OOM"), (2, "b", 5, None),
+                   (4, "a", 5, None), (4, "b", 5, None),
+                   (4, "a", 5, None)]  # the packed repeat of the best row, at its depth
+    assert rows[-1]["segments"] == "packed"
+    # two retries at most: a depth that still fails is reported, not searched further
+    rows = suite.bench_train(base, 16, (2,), ("a",), 1.0, max_layers=9)
+    assert [(r["layers"], r.get("error")) for r in rows] == [(9, "OOM"), (8, "OOM"), (7, "OOM")]

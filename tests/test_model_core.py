@@ -213,6 +213,30 @@ def test_scan_and_remat_change_no_value(unscanned_reference, remat, scan):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
 
 
+def test_save_dots_attn_skips_the_attention_kernels_forward_in_the_backward(monkeypatch):
+    """With a fused kernel (Pallas Triton, interpreted on CPU) the backward of `save_dots`
+    re-runs the kernel's forward; `save_dots_attn` keeps its output and logsumexp instead, so
+    the gradient has exactly the kernel calls of an un-rematted one, and the same values."""
+    from phi_reason.model import attention_kernels
+
+    monkeypatch.setattr(attention_kernels, "INTERPRET", True)
+    toks = jnp.asarray(np.random.RandomState(6).randint(0, CFG.vocab_size, (1, 16)))
+    kernel_calls, grads = {}, {}
+    for remat in ("none", "save_dots", "save_dots_attn"):
+        cfg = CFG.replace(attention="gpu", remat=remat)
+        grad_fn = jax.grad(_loss)
+        kernel_calls[remat] = str(jax.make_jaxpr(grad_fn, static_argnums=2)(
+            PARAMS, toks, cfg)).count("pallas_call")
+        if remat != "save_dots":
+            grads[remat] = jax.jit(grad_fn, static_argnums=2)(PARAMS, toks, cfg)
+    # forward + backward kernels, once per scanned layer body; save_dots adds a forward
+    assert kernel_calls["save_dots_attn"] == kernel_calls["none"]
+    assert kernel_calls["save_dots"] == kernel_calls["none"] + 1
+    for a, b in zip(jax.tree_util.tree_leaves(grads["save_dots_attn"]),
+                    jax.tree_util.tree_leaves(grads["none"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+
+
 def test_bf16_params_and_compute_dtype():
     p16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), PARAMS)
     toks = jnp.zeros((1, 8), jnp.int32)

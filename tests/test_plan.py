@@ -189,3 +189,14 @@ def test_plan_cli_logits_chunk(capsys):
     assert full["logits_bytes"] >= 4 * 4096 * 200064 * 4
     assert chunked["logits_bytes"] < full["logits_bytes"] / 3
     assert chunked["total_bytes"] < full["total_bytes"]
+
+
+def test_save_dots_attn_adds_the_kernel_output_and_logsumexp_per_layer():
+    cfg = ModelConfig.preset("phi-4-mini").replace(num_hidden_layers=3)
+    b, t = 2, 256
+    plans = {r: planner.plan_memory(cfg, {}, b, t, remat=r, accelerator=None, attention="flash")
+             for r in ("save_dots", "save_dots_attn")}
+    out = b * t * cfg.num_attention_heads * cfg.head_dim * 2  # bf16 kernel output
+    lse = b * cfg.num_attention_heads * t * 4  # float32 logsumexp per query and head
+    added = plans["save_dots_attn"].saved_activations_bytes - plans["save_dots"].saved_activations_bytes
+    assert added == cfg.num_hidden_layers * (out + lse)

@@ -20,7 +20,7 @@ PHI4_MINI_LONG_FACTOR = (
     32.93, 32.97, 33.28, 33.49, 33.5, 44.16, 47.77,
 )
 
-REMAT_POLICIES = ("none", "full", "save_dots", "save_attn_out", "save_qkv_proj")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_attn", "save_attn_out", "save_qkv_proj")
 ATTENTION_IMPLS = ("auto", "reference", "chunked", "gpu", "tpu")
 DTYPES = ("float32", "bfloat16", "float16")
 _LONGROPE_ALIASES = ("longrope", "su", "yarn")

@@ -18,9 +18,18 @@ from .attention import attention
 from .config import ModelConfig
 from .rope import apply_rope, rope_tables
 
+def _save_dots_and_attention_kernels(prim, *args, **params):
+    """Matmul outputs (as save_dots) plus the outputs of custom_vjp calls, which inside a layer
+    are the fused attention kernels (cuDNN, Pallas Triton, splash): their output and softmax
+    statistics, so the backward pass runs the kernel's backward without re-running its forward."""
+    return (prim.name.startswith("custom_vjp_call")
+            or jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims(prim, *args, **params))
+
+
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_dots_attn": _save_dots_and_attention_kernels,
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
     "save_qkv_proj": jax.checkpoint_policies.save_only_these_names("q", "k", "v"),
 }

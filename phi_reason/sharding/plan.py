@@ -204,6 +204,9 @@ def activation_estimate(cfg: ModelConfig, local_batch: int, local_seq: int, rema
                                           lp, x, seg, square=T)
         if attention == "flash" and saved_sq:
             saved_sq = lse
+        if attention == "flash" and remat == "save_dots_attn":
+            # the kernel's output and logsumexp (the reference path traced here has no kernel)
+            saved_sq = B * T * cfg.num_attention_heads * cfg.head_dim * cdt.itemsize + lse
         layer_saved = saved + saved_sq
     saved_total = cfg.num_hidden_layers * layer_saved
     # The backward of a rematerialised layer needs its plain residuals again; those the policy
