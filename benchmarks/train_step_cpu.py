@@ -8,6 +8,8 @@ machine load hits both alike; the median of the timed runs is reported.
     python benchmarks/train_step_cpu.py                 # both configs, 5 timed runs each
     python benchmarks/train_step_cpu.py --only 0.5m --runs 3 --out benchmarks/results/x.md
     python benchmarks/train_step_cpu.py --default-allocator   # without phi_reason.host_allocator
+    python benchmarks/train_step_cpu.py --only 30m --remat save_dots   # the README's 30m row
+    python benchmarks/train_step_cpu.py --only 0.5m --no-scan          # the README's 0.5m row
 """
 from __future__ import annotations
 
@@ -151,14 +153,15 @@ def render(results, machine: str) -> str:
              f"Machine: {machine}", "",
              "One step = forward + backward + AdamW, float32, batch x seq tokens; median of "
              "interleaved timed runs.", "",
-             "| config | params | B x T | attention | JAX tok/s | HF tok/s | JAX / HF |",
-             "|---|---|---|---|---|---|---|"]
+             "| config | params | B x T | attention | remat | layers | JAX tok/s | HF tok/s | JAX / HF |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r["cfg"]
         shape = (f"h{c.hidden_size} L{c.num_hidden_layers} heads {c.num_attention_heads}/"
                  f"{c.num_key_value_heads} mlp {c.intermediate_size} vocab {c.vocab_size}")
         lines.append(f"| {r['name']} ({shape}) | {r['params'] / 1e6:.2f}M | {r['batch']} x "
-                     f"{r['seq']} | {c.attention} | {r['jax_tok_s']:,.0f} | {r['hf_tok_s']:,.0f} | "
+                     f"{r['seq']} | {c.attention} | {c.remat} | {'scan' if c.scan_layers else 'unrolled'} | "
+                     f"{r['jax_tok_s']:,.0f} | {r['hf_tok_s']:,.0f} | "
                      f"{r['ratio']:.2f} |")
     lines.append("")
     for r in results:
@@ -172,6 +175,10 @@ def main(argv=None):
     ap.add_argument("--only", choices=sorted(CONFIGS), action="append")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--remat", default="none",
+                    help="remat policy of our step (save_dots: less temp memory per step)")
+    ap.add_argument("--no-scan", action="store_true",
+                    help="unroll the layers instead of a lax.scan over stacked weights")
     ap.add_argument("--out", help="also write the markdown table here")
     ap.add_argument("--default-allocator", action="store_true",
                     help="leave glibc's malloc settings alone (read before JAX is imported; "
@@ -187,7 +194,8 @@ def main(argv=None):
         trainer_overhead.main(["--size", "tiny"])
     results = []
     for name in args.only or ["30m", "0.5m"]:
-        r = bench(name, args.runs, attention=args.attention)
+        r = bench(name, args.runs, attention=args.attention, remat=args.remat,
+                  scan_layers=not args.no_scan)
         print(f"{name}: JAX {r['jax_tok_s']:,.0f} tok/s  HF {r['hf_tok_s']:,.0f} tok/s  "
               f"ratio {r['ratio']:.2f}", flush=True)
         results.append(r)
