@@ -262,14 +262,17 @@ def bench_train(base: ModelConfig, seq: int, batches, remats, peak_flops, max_la
     of memory is retried up to `oom_retries` times one layer shallower (the OOM rows are kept)."""
     if max_layers is None:
         max_layers = layers_that_fit(base, seq, min(batches), logits_chunk)
-    depth = dict(max_layers) if isinstance(max_layers, dict) else {}
+
+    def depth(batch):
+        if isinstance(max_layers, int):
+            return max_layers
+        return max_layers.get(batch) or layers_that_fit(base, seq, batch, logits_chunk)
+
     results = []
     for batch in batches:
         for remat in remats:
-            n_layers = depth.get(batch, max_layers if isinstance(max_layers, int) else None)
-            if n_layers is None:
-                n_layers = layers_that_fit(base, seq, batch, logits_chunk)
-            for attempt in range(oom_retries + 1):
+            n_layers = depth(batch)
+            for _ in range(oom_retries + 1):
                 cfg = base.replace(num_hidden_layers=n_layers)
                 rows = _train_row(cfg, seq, batch, remat, peak_flops, logits_chunk=logits_chunk)
                 results += rows
@@ -418,8 +421,8 @@ def main(argv=None):
         base = ModelConfig.preset("phi-4-mini").replace(dtype="bfloat16", param_dtype="float32",
                                                         attention="auto")
         attn_args = dict(seq_lens=(4096, 16384), heads=24, kv_heads=8, head_dim=128)
-        train_args = dict(seq=4096, batches=(1, 2, 4), remats=("save_dots_attn", "save_dots", "full"),
-                          max_layers=None)
+        train_args = dict(seq=4096, batches=(1, 2, 4),
+                          remats=("save_dots_attn", "save_dots", "full"), max_layers=None)
         decode_args = dict(batches=(1, 16, 64), context=2048, steps=64)
     report = {"meta": {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
                        "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),

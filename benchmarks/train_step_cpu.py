@@ -153,16 +153,17 @@ def render(results, machine: str) -> str:
              f"Machine: {machine}", "",
              "One step = forward + backward + AdamW, float32, batch x seq tokens; median of "
              "interleaved timed runs.", "",
-             "| config | params | B x T | attention | remat | layers | JAX tok/s | HF tok/s | JAX / HF |",
+             "| config | params | B x T | attention | remat | layers | JAX tok/s | HF tok/s "
+             "| JAX / HF |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r["cfg"]
         shape = (f"h{c.hidden_size} L{c.num_hidden_layers} heads {c.num_attention_heads}/"
                  f"{c.num_key_value_heads} mlp {c.intermediate_size} vocab {c.vocab_size}")
         lines.append(f"| {r['name']} ({shape}) | {r['params'] / 1e6:.2f}M | {r['batch']} x "
-                     f"{r['seq']} | {c.attention} | {c.remat} | {'scan' if c.scan_layers else 'unrolled'} | "
-                     f"{r['jax_tok_s']:,.0f} | {r['hf_tok_s']:,.0f} | "
-                     f"{r['ratio']:.2f} |")
+                     f"{r['seq']} | {c.attention} | {c.remat} | "
+                     f"{'scan' if c.scan_layers else 'unrolled'} | {r['jax_tok_s']:,.0f} | "
+                     f"{r['hf_tok_s']:,.0f} | {r['ratio']:.2f} |")
     lines.append("")
     for r in results:
         lines.append(f"- {r['name']} step seconds: JAX {['%.3f' % t for t in r['jax_times']]}, "

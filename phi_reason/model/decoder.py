@@ -18,10 +18,12 @@ from .attention import attention
 from .config import ModelConfig
 from .rope import apply_rope, rope_tables
 
+
 def _save_dots_and_attention_kernels(prim, *args, **params):
     """Matmul outputs (as save_dots) plus the outputs of custom_vjp calls, which inside a layer
-    are the fused attention kernels (cuDNN, Pallas Triton, splash): their output and softmax
-    statistics, so the backward pass runs the kernel's backward without re-running its forward."""
+    are the fused Pallas attention kernels (Triton, splash): their output and softmax statistics,
+    so the backward pass runs the kernel's backward without re-running its forward. JAX's cuDNN
+    call does not expose its residuals this way (benchmarks/check_remat_residuals.py)."""
     return (prim.name.startswith("custom_vjp_call")
             or jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims(prim, *args, **params))
 
