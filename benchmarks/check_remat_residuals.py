@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import print_saved_residuals
 
 from phi_reason.model import attention_kernels
-from phi_reason.model.decoder import _REMAT
+from phi_reason.model.decoder import remat_policy
 
 if jax.default_backend() == "cpu":
     attention_kernels.INTERPRET = True
@@ -22,4 +22,4 @@ for variant in ("cudnn", "triton"):
         o = attention_kernels.gpu_attention(q, k, v, seg, seg, variant=variant)
         return jnp.sum(jnp.sin(o.astype(jnp.float32)))
     print(f"--- {variant}, save_dots_attn")
-    print_saved_residuals(jax.checkpoint(f, policy=_REMAT["save_dots_attn"]), q, k, v)
+    print_saved_residuals(jax.checkpoint(f, policy=remat_policy("save_dots_attn")), q, k, v)

@@ -124,7 +124,8 @@ def main():
         rows = []
         _, base_rss, _ = run_child([py, "-c", IMPORTS_ONLY])
         rows.append(("python+jax+orbax imports only", None, None, base_rss))
-        steps = [("cp -r (baseline)", ["cp", "-r", hf, hf_cp], hf_cp),
+        baseline = "cp -r (baseline)"
+        steps = [(baseline, ["cp", "-r", hf, hf_cp], hf_cp),
                  ("HF -> Orbax", [py, "-c", TO_ORBAX.format(a=hf, b=orb)], orb),
                  ("Orbax -> HF", [py, "-c", TO_HF.format(a=orb, b=hf2, shard="4GB")], hf2)]
         runs = {name: [] for name, _, _ in steps}
@@ -141,7 +142,7 @@ def main():
             rows.append((name, statistics.median(r[0] for r in runs[name]),
                          statistics.median(r[1] for r in runs[name]),
                          max(r[2] for r in runs[name])))
-        cp_wall, cp_durable = rows[1][1], rows[1][2]
+        cp_wall, cp_durable = next(row[1:3] for row in rows if row[0] == baseline)
         print("| step | returned s | durable s | GB/s (durable) | vs cp (returned) "
               "| vs cp + sync (durable) | peak RSS GB | RSS / checkpoint |")
         print("|---|---|---|---|---|---|---|---|")

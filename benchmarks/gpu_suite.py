@@ -34,7 +34,7 @@ from phi_reason.model.attention import chunked_attention, reference_attention  #
 from phi_reason.model.config import ModelConfig  # noqa: E402
 from phi_reason.model.kv_cache import decode_step, init_cache, split_layers  # noqa: E402
 from phi_reason.model.params import abstract_params, init_params, param_count  # noqa: E402
-from phi_reason.eval.files import atomic_open  # noqa: E402
+from phi_reason.files import atomic_open  # noqa: E402
 from phi_reason.train.token_stats import model_token_stats  # noqa: E402
 
 # (dense bf16 FLOP/s, HBM bytes/s) by device-kind substring, from vendor data sheets.

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from .files import atomic_open
 from .model.config import ModelConfig
 
 
@@ -326,7 +327,5 @@ def to_dict(cfg) -> dict:
 
 def dump_run_config(cfg, path: str) -> None:
     """Write the resolved config (YAML) atomically: what exactly ran, next to its outputs."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path) as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from .files import atomic_write_text, write_jsonl
 
 STAGES = ("base", "midtrain", "sft", "dpo", "rl")
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -57,14 +58,6 @@ def load_spec(config=None, quick=False, overrides=()) -> dict:
 
 
 # ------------------------------------------------------------------------------------- data
-def _write_jsonl(path: Path, records) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
 def write_data(task: dict, seed: int, data_dir: Path) -> dict:
     """Disjoint synthetic splits: held-out eval, the mid-training corpus, the SFT subset and the
     prompts used for Rollout DPO and RL (all distinct problems). The mid-training corpus plays an
@@ -91,7 +84,7 @@ def write_data(task: dict, seed: int, data_dir: Path) -> dict:
         rows = ([chat(p) for p in records] if name in ("midtrain", "sft") else
                 [{"prompt": p["problem"], "answer": p["answer"]} for p in records])
         files[name] = data_dir / f"{name}.jsonl"
-        _write_jsonl(files[name], rows)
+        write_jsonl(files[name], rows)
     return files
 
 
@@ -228,9 +221,7 @@ def rl_reward_curve(out: Path) -> list:
 def write_report(results: list, out: Path, elapsed: float) -> str:
     summary = {"stages": results, "total_seconds": round(elapsed, 1),
                "rl_reward_curve": rl_reward_curve(out)}
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     _plot(results, summary["rl_reward_curve"], out / "demo.png")
     lines = ["", f"{'stage':<10} {'held-out acc':>12} {'mean length':>12} {'train time':>11}"]
     for r in results:

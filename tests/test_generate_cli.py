@@ -63,7 +63,7 @@ def test_prompts_file_to_jsonl(model_dir, tmp_path):
 
 @pytest.mark.parametrize("content,match", [
     ('{"prompt": "ok"}\n{"prompt": 3}\n', r"in.jsonl:2: needs a 'prompt' string"),
-    ('{"prompt": "ok"}\nnot json\n', r"in.jsonl:2: not valid JSON"),
+    ('{"prompt": "ok"}\nnot json\n', r"in.jsonl:2: invalid JSON"),
     ('\n', r"in.jsonl: no prompts"),
 ])
 def test_bad_prompt_file_names_file_and_line(model_dir, tmp_path, content, match):

@@ -177,14 +177,13 @@ def dpo_batch(rng):
 
 
 def test_dpo_step_reference_modes_and_accumulation():
-    from phi_reason.train.losses import sequence_logprobs
+    from phi_reason.train.token_stats import sequence_logprob_sums
     batch = dpo_batch(np.random.default_rng(5))
     tc = train_cfg(**{"dpo.loss_type": "sigmoid", "dpo.beta": 0.5})
     # precomputed reference sums (what the one-pass precompute stores)
     params = init_params(CFG, jax.random.PRNGKey(0))
-    strip = lambda p: {k[len(p):]: v for k, v in batch.items() if k.startswith(p)}  # noqa: E731
-    ref_c, _ = sequence_logprobs(params, CFG, strip("chosen_"))
-    ref_r, _ = sequence_logprobs(params, CFG, strip("rejected_"))
+    ref_c, _ = sequence_logprob_sums(params, CFG, batch, "chosen_")
+    ref_r, _ = sequence_logprob_sums(params, CFG, batch, "rejected_")
     pre = dict(batch, chosen_ref_logps=np.asarray(ref_c), rejected_ref_logps=np.asarray(ref_r))
     s_pre, m_pre = make_dpo_step(CFG, tc)(fresh_state(tc), pre)
     # reference from frozen params in the state, and two micro-batches

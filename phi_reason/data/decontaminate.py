@@ -17,8 +17,8 @@ import json
 import os
 import pathlib
 import re
-import tempfile
 
+from ..files import atomic_open
 from .sources import DataError, read_records
 
 TEXT_FIELDS = ("problem", "question", "prompt")
@@ -88,17 +88,10 @@ class EvalIndex:
         return None
 
 
-def _write_atomic(path: pathlib.Path, lines) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line if line.endswith("\n") else line + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _write_lines(path: pathlib.Path, lines) -> None:
+    with atomic_open(path) as f:
+        for line in lines:
+            f.write(line if line.endswith("\n") else line + "\n")
 
 
 def decontaminate(train_path, eval_paths, ngram: int = 13, field: str | None = None):
@@ -136,9 +129,9 @@ def main(train, eval, out, ngram=13, field=None):  # noqa: A002 (CLI keyword nam
     eval_paths = [eval] if isinstance(eval, (str, os.PathLike)) else list(eval)
     kept, removed = decontaminate(train, eval_paths, ngram, field)
     out = pathlib.Path(out)
-    _write_atomic(out, kept)
+    _write_lines(out, kept)
     report = out.with_name(out.name + ".removed.jsonl")
-    _write_atomic(report, [json.dumps(r) for r in removed])
+    _write_lines(report, [json.dumps(r) for r in removed])
     total = len(kept) + len(removed)
     print(f"decontaminate: kept {len(kept)} of {total} training records, removed {len(removed)} "
           f"sharing a {ngram}-word n-gram with {len(eval_paths)} eval file(s)")

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from phi_reason.eval.extract import gold_answer, last_boxed
-from phi_reason.eval.files import atomic_open, read_jsonl, write_jsonl
+from phi_reason.files import atomic_open, read_jsonl, write_jsonl
 from phi_reason.eval.metrics import summarize
 
 REASONING_TEMPERATURE = 0.8   # defaults recommended for the Phi-4 reasoning models

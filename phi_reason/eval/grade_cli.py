@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from phi_reason.eval.files import atomic_open, read_jsonl
+from phi_reason.files import atomic_open, read_jsonl
 from phi_reason.eval.pool import GraderPool
 
 

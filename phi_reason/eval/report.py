@@ -54,7 +54,7 @@ def write_plots(summary: dict, records: list[dict], out_dir) -> list[pathlib.Pat
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    from phi_reason.eval.files import atomic_open
+    from phi_reason.files import atomic_open
 
     out_dir = pathlib.Path(out_dir)
     written = []
@@ -95,7 +95,7 @@ def write_plots(summary: dict, records: list[dict], out_dir) -> list[pathlib.Pat
 def write_report(summary: dict, records: list[dict], out_dir, title: str,
                  settings: dict | None = None) -> pathlib.Path:
     """report.md plus plots in out_dir; returns the markdown path."""
-    from phi_reason.eval.files import atomic_open
+    from phi_reason.files import atomic_open
 
     out_dir = pathlib.Path(out_dir)
     plots = write_plots(summary, records, out_dir)

@@ -11,6 +11,8 @@ import json
 import sys
 from typing import List, Optional
 
+from ..files import atomic_write_text, iter_jsonl
+
 NO_CHAT = (None, "", "none")
 
 
@@ -20,24 +22,19 @@ class GenerateInputError(ValueError):
 
 def read_prompt_file(path: str) -> List[dict]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise GenerateInputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise GenerateInputError(f"{path}:{lineno}: expected a JSON object")
-            content = rec.get("messages", rec.get("prompt"))
-            if isinstance(content, str) or (isinstance(content, list) and all(
-                    isinstance(m, dict) and "role" in m and "content" in m for m in content)):
-                records.append(rec)
-            else:
-                raise GenerateInputError(
-                    f"{path}:{lineno}: needs a 'prompt' string or a 'messages' list of "
-                    "{'role', 'content'} objects")
+    try:
+        lines = list(iter_jsonl(path))
+    except ValueError as e:
+        raise GenerateInputError(str(e)) from None
+    for lineno, rec in lines:
+        content = rec.get("messages", rec.get("prompt"))
+        if isinstance(content, str) or (isinstance(content, list) and all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in content)):
+            records.append(rec)
+        else:
+            raise GenerateInputError(
+                f"{path}:{lineno}: needs a 'prompt' string or a 'messages' list of "
+                "{'role', 'content'} objects")
     if not records:
         raise GenerateInputError(f"{path}: no prompts")
     return records
@@ -104,13 +101,6 @@ class _Streamer:
         self.printed = text
 
 
-def _write_atomically(path: str, lines: List[str]) -> None:
-    from ..eval.files import atomic_open  # the package's one temp-then-rename writer
-
-    with atomic_open(path) as f:
-        f.writelines(lines)
-
-
 def main(model, prompt=None, prompts=None, output=None, chat_format=None, tokenizer=None,
          max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=0, batch_slots=8) -> int:
     from ..checkpoint import load_pretrained
@@ -147,7 +137,7 @@ def main(model, prompt=None, prompts=None, output=None, chat_format=None, tokeni
                       logprob=float(sum(lps)))
         lines.append(json.dumps(result, ensure_ascii=False) + "\n")
     if output:
-        _write_atomically(output, lines)
+        atomic_write_text(output, "".join(lines))
     else:
         sys.stdout.writelines(lines)
         sys.stdout.flush()

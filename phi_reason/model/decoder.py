@@ -37,6 +37,11 @@ _REMAT = {
 }
 
 
+def remat_policy(name: str):
+    """The `jax.checkpoint` policy behind `ModelConfig.remat` (every name but "none")."""
+    return _REMAT[name]
+
+
 def rms_norm(x, weight, eps):
     """Statistics in float32, cast back to the input dtype, then scale (HF Phi3RMSNorm)."""
     x32 = x.astype(jnp.float32)
@@ -157,7 +162,7 @@ def hidden_states(params, tokens, cfg: ModelConfig, positions=None, segment_ids=
     layer = functools.partial(decoder_layer, cfg=cfg, cos=cos, sin=sin,
                               segment_ids=segment_ids, impl=cfg.attention, constrain=constrain)
     if cfg.remat != "none":
-        layer = jax.checkpoint(layer, policy=_REMAT[cfg.remat])
+        layer = jax.checkpoint(layer, policy=remat_policy(cfg.remat))
     if cfg.scan_layers:
         x, _ = lax.scan(lambda h, lp: (layer(lp, h), None), x, params["layers"])
     else:

@@ -188,7 +188,7 @@ def activation_estimate(cfg: ModelConfig, local_batch: int, local_seq: int, rema
             saved, saved_sq = plain, plain_sq
         else:
             saved, saved_sq = _residual_bytes(
-                jax.checkpoint(half, policy=decoder._REMAT[remat]), lp, x, seg, square=T)
+                jax.checkpoint(half, policy=decoder.remat_policy(remat)), lp, x, seg, square=T)
         if attention == "flash" and half is attention_half:
             plain_sq, saved_sq = lse, (lse if saved_sq else 0)
         halves.append((plain + plain_sq, saved + saved_sq))
@@ -200,7 +200,7 @@ def activation_estimate(cfg: ModelConfig, local_batch: int, local_seq: int, rema
         def layer(lp, x, seg):
             return mlp_half(lp, attention_half(lp, x, seg), seg)
 
-        saved, saved_sq = _residual_bytes(jax.checkpoint(layer, policy=decoder._REMAT[remat]),
+        saved, saved_sq = _residual_bytes(jax.checkpoint(layer, policy=decoder.remat_policy(remat)),
                                           lp, x, seg, square=T)
         if attention == "flash" and saved_sq:
             saved_sq = lse

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
 import threading
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import RunConfig, RunConfigError, dump_run_config, load_run_config
+from ..files import atomic_open, atomic_write_text
 from ..model.config import ModelConfig
 from ..model.params import init_params, param_count
 
@@ -69,12 +69,6 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * n + attn
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard). On resume, records past the restored step are dropped."""
 
@@ -83,7 +77,7 @@ class MetricsLog:
         if resume_step is not None and self.path.exists():
             keep = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
-            _atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")
@@ -488,9 +482,8 @@ def run_dpo(config: Optional[str], overrides: Sequence[str] = (), resume: bool =
             else:
                 ref_fn = make_reference_logps_fn(cfg, mesh)
                 chosen, rejected = precompute_reference_logps(ref_fn, params, it, total, place)
-                tmp = cache.with_name("reference_logps.tmp.npz")
-                np.savez(tmp, chosen=chosen, rejected=rejected)
-                os.replace(tmp, cache)
+                with atomic_open(cache, "wb") as f:
+                    np.savez(f, chosen=chosen, rejected=rejected)
 
             def prepare(batch, step):
                 batch = dict(batch, chosen_ref_logps=chosen[step - 1],

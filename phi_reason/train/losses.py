@@ -75,18 +75,6 @@ def token_entropy(logits) -> jax.Array:
     return align_to_tokens(_entropy(logits[:, :-1]))
 
 
-def sequence_logprobs(params, cfg, batch):
-    """(sum of target-token log-probs [B], number of target tokens [B]) for a 4-key batch:
-    what DPO needs from the policy and (once, precomputed) from the reference."""
-    from ..model.decoder import forward
-
-    logits = forward(params, batch["tokens"], cfg, positions=batch.get("positions"),
-                     segment_ids=batch["segment_ids"])
-    mask = target_mask(batch)
-    lp = token_logprobs(logits, batch["tokens"])
-    return jnp.sum(lp * mask, axis=-1), jnp.sum(mask, axis=-1)
-
-
 # --------------------------------------------------------------------------- SFT
 def cross_entropy(logits, batch, denom):
     """Token cross-entropy summed over targets / `denom` (the global batch's target count).

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..config import RunConfig, RunConfigError, dump_run_config, load_run_config
+from ..files import atomic_write_text
 
 
 @dataclasses.dataclass
@@ -154,9 +155,7 @@ def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=No
                 f.flush()
                 os.fsync(f.fileno())
             n_pairs += len(lines)
-            tmp = progress.with_name(progress.name + ".tmp")
-            tmp.write_text(json.dumps({"prompts": c0 + len(chunk), "pairs": n_pairs}))
-            os.replace(tmp, progress)
+            atomic_write_text(progress, json.dumps({"prompts": c0 + len(chunk), "pairs": n_pairs}))
     os.replace(partial, out)
     progress.unlink(missing_ok=True)
     stats["pairs"] = n_pairs

@@ -21,7 +21,7 @@ from .losses import (DPO_LENGTH_NORMALISED, PG_LOSSES, SFT_LOSSES, Norms, dpo_lo
                      reduce_micro_metrics, target_mask)
 from .optim import make_optimizer
 from .state import TrainState
-from .token_stats import model_token_stats
+from .token_stats import model_token_stats, sequence_logprob_sums
 
 _SEQ_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
@@ -98,9 +98,7 @@ def make_sft_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
 def _pair_logps(params, cfg, batch, constrain=None, chunk=0):
     """Sequence log-prob sums and target counts for chosen and rejected ([b] each)."""
     def sums(b, prefix=""):
-        mask = target_mask({k: b[prefix + k] for k in ("loss_mask", "segment_ids")})
-        lp = model_token_stats(params, cfg, b, prefix, constrain, chunk).logp
-        return jnp.sum(lp * mask, -1), jnp.sum(mask, -1)
+        return sequence_logprob_sums(params, cfg, b, prefix, constrain, chunk)
 
     if batch["chosen_tokens"].shape == batch["rejected_tokens"].shape:
         # one forward over both sides
@@ -115,7 +113,7 @@ def _pair_logps(params, cfg, batch, constrain=None, chunk=0):
 
 def make_dpo_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
     """Reference log-probs come from the batch (`chosen_ref_logps` / `rejected_ref_logps`: sums
-    over target tokens, as `sequence_logprobs` returns them) or else from `state.ref_params`."""
+    over target tokens, as `sequence_logprob_sums` returns them) or else from `state.ref_params`."""
     d = train_cfg.dpo
     optimizer, schedule = make_optimizer(train_cfg, cfg)
     constrain = _constraint(mesh)

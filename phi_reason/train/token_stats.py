@@ -15,7 +15,7 @@ from jax import lax
 
 from ..model.config import ModelConfig
 from ..model.decoder import forward, hidden_states, logits_from_hidden
-from .losses import TokenStats, align_to_tokens, shifted_token_stats, token_stats
+from .losses import TokenStats, align_to_tokens, shifted_token_stats, target_mask, token_stats
 
 
 def chunked_token_stats(params, h, tokens, cfg: ModelConfig, chunk: int,
@@ -55,3 +55,12 @@ def model_token_stats(params, cfg: ModelConfig, batch, prefix: str = "", constra
         return token_stats(forward(params, tokens, cfg, **kw), tokens, entropy)
     return chunked_token_stats(params, hidden_states(params, tokens, cfg, **kw), tokens, cfg,
                                chunk, entropy)
+
+
+def sequence_logprob_sums(params, cfg: ModelConfig, batch, prefix: str = "", constrain=None,
+                          chunk: int = 0):
+    """(sum of target-token log-probs [B], number of target tokens [B]) of the sequences under
+    `prefix` in `batch`: what DPO needs from the policy and (precomputed once) the reference."""
+    mask = target_mask({k: batch[prefix + k] for k in ("loss_mask", "segment_ids")})
+    lp = model_token_stats(params, cfg, batch, prefix, constrain, chunk).logp
+    return jnp.sum(lp * mask, -1), jnp.sum(mask, -1)

@@ -1,5 +1,6 @@
-"""File edges of the eval package: JSONL reading with line-numbered errors, and atomic writes
-(a temp file in the same directory renamed over the target, so no reader ever sees half a file)."""
+"""The package's file edges: JSONL reading with line-numbered errors, and atomic writes (a temp
+file in the same directory renamed over the target, so no reader ever sees half a file).
+Standard library only, so every module (config included) can use it."""
 from __future__ import annotations
 
 import contextlib
@@ -10,10 +11,10 @@ import tempfile
 from typing import IO, Iterator
 
 
-def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
-    """Records of a JSONL file; a bad line or a missing key raises ValueError naming file:line."""
+def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a line that is not a JSON object raises
+    ValueError naming file:line."""
     path = pathlib.Path(path)
-    records = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -25,10 +26,17 @@ def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
             if not isinstance(record, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
                                  f"{type(record).__name__}")
-            for key in required:
-                if key not in record:
-                    raise ValueError(f"{path}:{lineno}: missing key {key!r}")
-            records.append(record)
+            yield lineno, record
+
+
+def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
+    """Records of a JSONL file; a bad line or a missing key raises ValueError naming file:line."""
+    records = []
+    for lineno, record in iter_jsonl(path):
+        for key in required:
+            if key not in record:
+                raise ValueError(f"{path}:{lineno}: missing key {key!r}")
+        records.append(record)
     return records
 
 
@@ -46,6 +54,11 @@ def atomic_open(path, mode: str = "w") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 def write_jsonl(path, records) -> None:
