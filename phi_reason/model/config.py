@@ -59,6 +59,8 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; softmax and norm statistics stay float32
     remat: str = "none"
     attention: str = "auto"
+    # False unrolls the layers: less loop overhead for small models, but XLA CPU then keeps
+    # every layer's activations whatever `remat` says (benchmarks/results/train_step_cpu.md)
     scan_layers: bool = True
     attention_chunk: int = 512  # block size of the chunked path
 
