@@ -177,13 +177,21 @@ def dpo_batch(rng):
 
 
 def test_dpo_step_reference_modes_and_accumulation():
-    from phi_reason.train.token_stats import sequence_logprob_sums
+    from phi_reason.model.decoder import forward
+    from phi_reason.train.losses import target_mask, token_logprobs
     batch = dpo_batch(np.random.default_rng(5))
     tc = train_cfg(**{"dpo.loss_type": "sigmoid", "dpo.beta": 0.5})
-    # precomputed reference sums (what the one-pass precompute stores)
+    # precomputed reference sums (what the one-pass precompute stores), written out here from
+    # the full logits rather than through the step's own log-prob code
     params = init_params(CFG, jax.random.PRNGKey(0))
-    ref_c, _ = sequence_logprob_sums(params, CFG, batch, "chosen_")
-    ref_r, _ = sequence_logprob_sums(params, CFG, batch, "rejected_")
+
+    def ref_sums(prefix):
+        side = {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
+        logits = forward(params, side["tokens"], CFG, positions=side.get("positions"),
+                         segment_ids=side["segment_ids"])
+        return jnp.sum(token_logprobs(logits, side["tokens"]) * target_mask(side), axis=-1)
+
+    ref_c, ref_r = ref_sums("chosen_"), ref_sums("rejected_")
     pre = dict(batch, chosen_ref_logps=np.asarray(ref_c), rejected_ref_logps=np.asarray(ref_r))
     s_pre, m_pre = make_dpo_step(CFG, tc)(fresh_state(tc), pre)
     # reference from frozen params in the state, and two micro-batches
