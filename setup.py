@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="JAX-native post-training for Microsoft's Phi-4 reasoning models",
     packages=find_packages(include=["phi_reason", "phi_reason.*"]),
-    package_data={"phi_reason": ["configs/*.yaml"]},
+    package_data={"phi_reason": ["configs/*.yaml", "model/cpu_flash/*.cc"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",

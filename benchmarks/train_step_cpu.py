@@ -53,6 +53,12 @@ def model_config(name: str, **runtime) -> ModelConfig:
                        tie_word_embeddings=False, **kw, **runtime)
 
 
+def _attention_label(name: str) -> str:
+    from phi_reason.model.attention import resolve_impl
+
+    return f"auto ({resolve_impl(name)})" if name == "auto" else name
+
+
 def next_token_loss(params, tokens, cfg):
     logits = forward(params, tokens, cfg)[:, :-1]
     logz = jax.nn.logsumexp(logits, axis=-1)
@@ -161,7 +167,7 @@ def render(results, machine: str) -> str:
         shape = (f"h{c.hidden_size} L{c.num_hidden_layers} heads {c.num_attention_heads}/"
                  f"{c.num_key_value_heads} mlp {c.intermediate_size} vocab {c.vocab_size}")
         lines.append(f"| {r['name']} ({shape}) | {r['params'] / 1e6:.2f}M | {r['batch']} x "
-                     f"{r['seq']} | {c.attention} | {c.remat} | "
+                     f"{r['seq']} | {_attention_label(c.attention)} | {c.remat} | "
                      f"{'scan' if c.scan_layers else 'unrolled'} | {r['jax_tok_s']:,.0f} | "
                      f"{r['hf_tok_s']:,.0f} | {r['ratio']:.2f} |")
     lines.append("")

@@ -68,9 +68,9 @@ def test_xla_paths_match_reference_value_and_grad(inputs, path):
         np.testing.assert_allclose(g, rg, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
 
 
-def test_auto_on_cpu_is_the_causal_blocked_path():
+def test_auto_on_cpu_is_a_cpu_path_and_unknown_names_are_rejected():
     assert jax.default_backend() == "cpu"
-    assert resolve_impl("auto") == "causal_blocked"
+    assert resolve_impl("auto") in ("cpu_flash", "causal_blocked")  # cpu_flash: test_cpu_flash
     with pytest.raises(ValueError, match="unknown attention"):
         attention(*qkv(4), jnp.ones((2, 4), jnp.int32), jnp.ones((2, 4), jnp.int32), impl="nope")
 
@@ -101,7 +101,7 @@ def packed_row():
     return seqs, tokens, seg
 
 
-@pytest.mark.parametrize("impl", ["reference", "chunked", "auto", "gpu", "tpu"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "cpu_flash", "auto", "gpu", "tpu"])
 def test_packed_row_equals_sequences_alone(tiny_model, packed_row, impl, monkeypatch):
     """Logits of each packed sequence equal that sequence run alone (no leakage across segments
     or from padding), on every attention path; Pallas kernels run in the CPU interpreter."""

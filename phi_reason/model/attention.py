@@ -188,7 +188,8 @@ def causal_blocked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=Non
 
 
 def resolve_impl(impl: str) -> str:
-    """`auto` picks the fastest path that is exact for the current backend."""
+    """`auto` picks the fastest path that is exact for the current backend: on the CPU the fused
+    C++ kernel when it builds here (phi_reason.model.cpu_flash), else causal blocks in XLA."""
     if impl != "auto":
         return impl
     backend = jax.default_backend()
@@ -196,7 +197,9 @@ def resolve_impl(impl: str) -> str:
         return "gpu"
     if backend == "tpu":
         return "tpu"
-    return "causal_blocked"
+    from . import cpu_flash
+
+    return "cpu_flash" if cpu_flash.available() else "causal_blocked"
 
 
 def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None, kv_index=None, *,
@@ -208,6 +211,16 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None, kv_index=Non
     if impl == "causal_blocked":
         return causal_blocked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index,
                                         kv_index, scale)
+    if impl == "cpu_flash":
+        if jax.default_backend() != "cpu":
+            raise ValueError(f"attention='cpu_flash' runs on the CPU backend only (this is "
+                             f"{jax.default_backend()!r}); use 'auto'")
+        if q_index is not None or kv_index is not None or k.shape[1] != q.shape[1]:
+            return reference_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index,
+                                       scale)
+        from .cpu_flash import flash_attention
+
+        return flash_attention(q, k, v, q_segment_ids, kv_segment_ids, scale)
     if impl == "chunked":
         return chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index,
                                  scale, block)

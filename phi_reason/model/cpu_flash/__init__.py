@@ -1,0 +1,159 @@
+"""Fused causal attention for the CPU backend: a C++ XLA FFI kernel, built on first use.
+
+`flash_attention(q, k, v, q_segment_ids, kv_segment_ids, scale)` is exact causal self-attention
+(the mask of phi_reason.model.attention with index = arange) whose backward recomputes the
+probabilities from a saved log-sum-exp, so no score-sized tensor ever reaches memory. The kernel
+(`flash_attention.cc`) is compiled with the system C++ compiler into a per-user cache, keyed by
+its source, the jaxlib headers and this CPU, then registered with XLA as two FFI targets.
+`available()` says whether that worked (it needs g++ or $CXX); attention="auto" uses the kernel
+on the CPU only when it is available.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("flash_attention.cc")
+FORWARD_TARGET = "phi_reason_cpu_flash_forward"
+BACKWARD_TARGET = "phi_reason_cpu_flash_backward"
+DISABLE_ENV = "PHI_REASON_CPU_FLASH"  # "0": never build or use the kernel
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "phi_reason" / "cpu_flash"
+
+
+def _compile_command(compiler: str, output: Path) -> list:
+    return [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
+            f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(output),
+            "-lpthread"]
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def library_path() -> Path:
+    """The compiled kernel for this source, jaxlib and CPU; built (atomically) if missing."""
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not compiler:
+        raise BuildError("no C++ compiler found (install g++ or set $CXX)")
+    key = hashlib.sha256()
+    key.update(SOURCE.read_bytes())
+    key.update(jax.ffi.include_dir().encode())
+    key.update(jax.__version__.encode())
+    key.update(_cpu_signature().encode())
+    key.update(" ".join(_compile_command(compiler, Path("out"))).encode())
+    target = _cache_dir() / f"flash_attention-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        try:
+            proc = subprocess.run(_compile_command(compiler, Path(tmp)), capture_output=True,
+                                  text=True)
+        except OSError as err:
+            raise BuildError(f"compiling {SOURCE.name} failed: cannot run {compiler}: {err}")
+        if proc.returncode != 0:
+            raise BuildError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _register() -> None:
+    import ctypes
+
+    lib = ctypes.cdll.LoadLibrary(str(library_path()))
+    jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(lib.PhiFlashForward),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(BACKWARD_TARGET, jax.ffi.pycapsule(lib.PhiFlashBackward),
+                                platform="cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def build_error() -> Optional[str]:
+    """None when the kernel is built and registered, else why not."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return f"disabled by {DISABLE_ENV}=0"
+    try:
+        _register()
+    except (BuildError, OSError, AttributeError) as err:
+        return str(err)
+    return None
+
+
+def available() -> bool:
+    return build_error() is None
+
+
+def _forward_call(q, k, v, q_segment_ids, kv_segment_ids, scale):
+    b, t, nh, _ = q.shape
+    return jax.ffi.ffi_call(
+        FORWARD_TARGET,
+        (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, nh, t), jnp.float32)),
+        vmap_method="sequential",
+    )(q, k, v, q_segment_ids, kv_segment_ids, scale=np.float32(scale))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, q_segment_ids, kv_segment_ids, scale):
+    return _forward_call(q, k, v, q_segment_ids, kv_segment_ids, scale)[0]
+
+
+def _flash_fwd(q, k, v, q_segment_ids, kv_segment_ids, scale):
+    out, lse = _forward_call(q, k, v, q_segment_ids, kv_segment_ids, scale)
+    return out, (q, k, v, q_segment_ids, kv_segment_ids, out, lse)
+
+
+def _flash_bwd(scale, residuals, d_out):
+    q, k, v, q_segment_ids, kv_segment_ids, out, lse = residuals
+    dq, dk, dv = jax.ffi.ffi_call(
+        BACKWARD_TARGET,
+        tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+        vmap_method="sequential",
+    )(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out.astype(jnp.float32),
+      scale=np.float32(scale))
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q, k, v, q_segment_ids, kv_segment_ids, scale: Optional[float] = None):
+    """q [B, T, nH, hd], k/v [B, T, nKV, hd], segment ids [B, T] -> [B, T, nH, hd] in q's dtype.
+    Computes in float32 (inputs are cast); causal over the row, segments separate."""
+    error = build_error()
+    if error is not None:
+        raise RuntimeError(f"the CPU flash-attention kernel is unavailable: {error}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    out = _flash(*f32, q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32), scale)
+    return out.astype(q.dtype)
