@@ -196,6 +196,26 @@ void pack_transposed(const Dims& d, const float* src, int64_t bi, int64_t kh, in
   }
 }
 
+enum class Tile { kHidden, kVisible, kPartial };
+
+// The segment id shared by positions [start, start+n), or -1 when they differ (ids are >= 0).
+int64_t uniform_segment(const int32_t* seg, int64_t start, int n) {
+  for (int i = 1; i < n; ++i)
+    if (seg[start + i] != seg[start]) return -1;
+  return seg[start];
+}
+
+// What the mask leaves of the tile (queries [q0, q0+nq), keys [k0, k0+nk)), decided from the
+// blocks' segment ids before any product: the common case (below the diagonal, one sequence)
+// needs no per-element mask.
+Tile classify_tile(const int32_t* qseg, const int32_t* kseg, int64_t q0, int nq, int64_t k0,
+                   int nk) {
+  const int64_t qs = uniform_segment(qseg, q0, nq), ks = uniform_segment(kseg, k0, nk);
+  if (qs >= 0 && ks >= 0 && qs != ks) return Tile::kHidden;
+  if (qs >= 0 && qs == ks && k0 + nk - 1 <= q0) return Tile::kVisible;
+  return Tile::kPartial;
+}
+
 // Sets masked entries of the score tile [g*nq, nk] to -inf-like; returns false if the whole
 // tile is masked.
 bool mask_tile(const Dims& d, const int32_t* qseg, const int32_t* kseg, int64_t q0, int nq,
@@ -221,8 +241,11 @@ void forward_task(const Dims& d, const float* q, const float* k, const float* v,
   const int32_t* qseg = qseg_all + bi * d.t;
   const int32_t* kseg = kseg_all + bi * d.t;
   const int rows_max = static_cast<int>(d.g) * kBlock;
-  std::vector<float> qp(rows_max * hd), kt(hd * kBlock), s(rows_max * kBlock), o(rows_max * hd);
-  std::vector<float> m(rows_max), l(rows_max);
+  std::vector<float> qp(rows_max * hd), s(rows_max * kBlock), o(rows_max * hd);
+  std::vector<float> m(rows_max), l(rows_max), kt_all(d.t * hd);  // block k0 at kt_all[k0*hd]
+  for (int64_t k0 = 0; k0 < d.t; k0 += kBlock)
+    pack_transposed(d, k, bi, kh, k0, static_cast<int>(std::min<int64_t>(kBlock, d.t - k0)),
+                    kt_all.data() + k0 * hd);
   for (int64_t q0 = 0; q0 < d.t; q0 += kBlock) {
     const int nq = static_cast<int>(std::min<int64_t>(kBlock, d.t - q0));
     const int rows = static_cast<int>(d.g) * nq;
@@ -232,11 +255,12 @@ void forward_task(const Dims& d, const float* q, const float* k, const float* v,
     std::fill(l.begin(), l.begin() + rows, 0.0f);
     for (int64_t k0 = 0; k0 < q0 + nq; k0 += kBlock) {
       const int nk = static_cast<int>(std::min<int64_t>(kBlock, d.t - k0));
+      const Tile tile = classify_tile(qseg, kseg, q0, nq, k0, nk);
+      if (tile == Tile::kHidden) continue;
       std::fill(s.begin(), s.begin() + rows * nk, 0.0f);
-      pack_transposed(d, k, bi, kh, k0, nk, kt.data());
-      gemm_acc(rows, nk, static_cast<int>(hd), qp.data(), static_cast<int>(hd), kt.data(), nk,
-               s.data(), nk);
-      if (!mask_tile(d, qseg, kseg, q0, nq, k0, nk, s.data())) continue;
+      gemm_acc(rows, nk, static_cast<int>(hd), qp.data(), static_cast<int>(hd),
+               kt_all.data() + k0 * hd, nk, s.data(), nk);
+      if (tile == Tile::kPartial && !mask_tile(d, qseg, kseg, q0, nq, k0, nk, s.data())) continue;
       for (int r = 0; r < rows; ++r) {
         float* sr = s.data() + r * nk;
         const float m_new = std::max(m[r], row_max(sr, nk));
@@ -279,8 +303,14 @@ void backward_task(const Dims& d, const float* q, const float* k, const float* v
       for (int64_t e = 0; e < hd; ++e) s += dout[off + e] * out[off + e];
       delta[gi * t + ti] = s;
     }
-  std::vector<float> qp(rows_max * hd), dop(rows_max * hd), kt(hd * kBlock), vt(hd * kBlock);
-  std::vector<float> p(rows_max * kBlock), dp(rows_max * kBlock);
+  // Query-block q0's stacked rows [(gi*nq + r), hd] at offset g*q0*hd, packed once.
+  std::vector<float> qp_all(d.g * t * hd), dop_all(d.g * t * hd);
+  for (int64_t q0 = 0; q0 < t; q0 += kBlock) {
+    const int nq = static_cast<int>(std::min<int64_t>(kBlock, t - q0));
+    pack_rows(d, q, bi, kh, q0, nq, scale, qp_all.data() + d.g * q0 * hd);
+    pack_rows(d, dout, bi, kh, q0, nq, 1.0f, dop_all.data() + d.g * q0 * hd);
+  }
+  std::vector<float> kt(hd * kBlock), vt(hd * kBlock), p(rows_max * kBlock), dp(rows_max * kBlock);
   std::vector<float> dk_acc(kBlock * hd), dv_acc(kBlock * hd);
   for (int64_t k0 = 0; k0 < t; k0 += kBlock) {
     const int nk = static_cast<int>(std::min<int64_t>(kBlock, t - k0));
@@ -291,18 +321,20 @@ void backward_task(const Dims& d, const float* q, const float* k, const float* v
     for (int64_t q0 = (k0 / kBlock) * kBlock; q0 < t; q0 += kBlock) {
       const int nq = static_cast<int>(std::min<int64_t>(kBlock, t - q0));
       const int rows = static_cast<int>(d.g) * nq;
+      const Tile tile = classify_tile(qseg, kseg, q0, nq, k0, nk);
+      if (tile == Tile::kHidden) continue;
+      const float* qp = qp_all.data() + d.g * q0 * hd;
+      const float* dop = dop_all.data() + d.g * q0 * hd;
       std::fill(p.begin(), p.begin() + rows * nk, 0.0f);
-      pack_rows(d, q, bi, kh, q0, nq, scale, qp.data());
-      gemm_acc(rows, nk, ihd, qp.data(), ihd, kt.data(), nk, p.data(), nk);
-      if (!mask_tile(d, qseg, kseg, q0, nq, k0, nk, p.data())) continue;
+      gemm_acc(rows, nk, ihd, qp, ihd, kt.data(), nk, p.data(), nk);
+      if (tile == Tile::kPartial && !mask_tile(d, qseg, kseg, q0, nq, k0, nk, p.data())) continue;
       for (int64_t gi = 0; gi < d.g; ++gi)
         for (int r = 0; r < nq; ++r)
           exp_shifted(p.data() + (gi * nq + r) * nk, nk,
                       lse[(bi * d.nh + kh * d.g + gi) * t + q0 + r]);
-      pack_rows(d, dout, bi, kh, q0, nq, 1.0f, dop.data());
-      gemm_acc<true>(nk, ihd, rows, p.data(), nk, dop.data(), ihd, dv_acc.data(), ihd);  // P^T dO
+      gemm_acc<true>(nk, ihd, rows, p.data(), nk, dop, ihd, dv_acc.data(), ihd);  // P^T dO
       std::fill(dp.begin(), dp.begin() + rows * nk, 0.0f);
-      gemm_acc(rows, nk, ihd, dop.data(), ihd, vt.data(), nk, dp.data(), nk);
+      gemm_acc(rows, nk, ihd, dop, ihd, vt.data(), nk, dp.data(), nk);
       for (int64_t gi = 0; gi < d.g; ++gi)
         for (int r = 0; r < nq; ++r) {
           const float dl = delta[gi * t + q0 + r];
@@ -313,7 +345,7 @@ void backward_task(const Dims& d, const float* q, const float* k, const float* v
       for (int64_t gi = 0; gi < d.g; ++gi)  // one head's rows are contiguous in dq_acc
         gemm_acc(nq, ihd, nk, p.data() + gi * nq * nk, nk, k + d.kv_row(bi, k0, kh), ldkv,
                  dq_acc.data() + (gi * t + q0) * hd, ihd);
-      gemm_acc<true>(nk, ihd, rows, p.data(), nk, qp.data(), ihd, dk_acc.data(), ihd);  // dS^T Q
+      gemm_acc<true>(nk, ihd, rows, p.data(), nk, qp, ihd, dk_acc.data(), ihd);  // dS^T Q
     }
     for (int j = 0; j < nk; ++j) {
       const int64_t off = d.kv_row(bi, k0 + j, kh);
