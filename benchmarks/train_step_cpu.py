@@ -5,11 +5,11 @@ batch. Both frameworks get the same config, batch and thread count (torch.set_nu
 XLA's CPU client uses the same N cores). Runs are interleaved (JAX, HF, JAX, HF, ...) so that
 machine load hits both alike; the median of the timed runs is reported.
 
-    python benchmarks/train_step_cpu.py                 # both configs, 5 timed runs each
+    python benchmarks/train_step_cpu.py                 # the README's rows: both configs, 5 runs
     python benchmarks/train_step_cpu.py --only 0.5m --runs 3 --out benchmarks/results/x.md
     python benchmarks/train_step_cpu.py --default-allocator   # without phi_reason.host_allocator
-    python benchmarks/train_step_cpu.py --only 30m --remat save_dots   # the README's 30m row
-    python benchmarks/train_step_cpu.py --only 0.5m --no-scan          # the README's 0.5m row
+    python benchmarks/train_step_cpu.py --remat none --scan   # plain settings for both configs
+    python benchmarks/train_step_cpu.py --attention causal_blocked   # XLA attention, no kernel
 """
 from __future__ import annotations
 
@@ -43,6 +43,13 @@ CONFIGS = {
                  num_attention_heads=8, num_key_value_heads=4), 8, 512),
     "0.5m": (dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2), 8, 512),
+}
+# Each config's step settings unless --remat / --scan / --no-scan say otherwise (measured best in
+# benchmarks/results/train_step_cpu.md): 30m keeps matmul outputs and the attention kernel's
+# output + logsumexp (1.1 GB of XLA temp instead of 3.1 GB); 0.5m's 2 layers run faster unrolled.
+STEP_DEFAULTS = {
+    "30m": dict(remat="save_dots_attn", scan_layers=True),
+    "0.5m": dict(remat="none", scan_layers=False),
 }
 LR, WD = 1e-4, 0.01
 
@@ -182,10 +189,13 @@ def main(argv=None):
     ap.add_argument("--only", choices=sorted(CONFIGS), action="append")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--attention", default="auto")
-    ap.add_argument("--remat", default="none",
-                    help="remat policy of our step (save_dots: less temp memory per step)")
-    ap.add_argument("--no-scan", action="store_true",
-                    help="unroll the layers instead of a lax.scan over stacked weights")
+    ap.add_argument("--remat", help="remat policy of our step (default: per config, see "
+                                     "STEP_DEFAULTS: save_dots_attn for 30m, none for 0.5m)")
+    layers = ap.add_mutually_exclusive_group()
+    layers.add_argument("--no-scan", dest="scan", action="store_false", default=None,
+                        help="unroll the layers (default for 0.5m)")
+    layers.add_argument("--scan", dest="scan", action="store_true",
+                        help="lax.scan over stacked layer weights (default for 30m)")
     ap.add_argument("--out", help="also write the markdown table here")
     ap.add_argument("--default-allocator", action="store_true",
                     help="leave glibc's malloc settings alone (read before JAX is imported; "
@@ -201,8 +211,12 @@ def main(argv=None):
         trainer_overhead.main(["--size", "tiny"])
     results = []
     for name in args.only or ["30m", "0.5m"]:
-        r = bench(name, args.runs, attention=args.attention, remat=args.remat,
-                  scan_layers=not args.no_scan)
+        step = dict(STEP_DEFAULTS[name])
+        if args.remat is not None:
+            step["remat"] = args.remat
+        if args.scan is not None:
+            step["scan_layers"] = args.scan
+        r = bench(name, args.runs, attention=args.attention, **step)
         print(f"{name}: JAX {r['jax_tok_s']:,.0f} tok/s  HF {r['hf_tok_s']:,.0f} tok/s  "
               f"ratio {r['ratio']:.2f}", flush=True)
         results.append(r)

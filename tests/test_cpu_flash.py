@@ -107,3 +107,20 @@ def test_without_the_kernel_auto_falls_back_and_direct_use_says_why(env, reason,
     assert "the CPU flash-attention kernel is unavailable" in out.stdout
     assert reason in out.stdout
     assert not list(tmp_path.rglob("*.so*")), "a failed build must leave no library behind"
+
+
+def test_save_dots_attn_keeps_the_kernel_residuals():
+    """Under remat save_dots_attn the backward reuses the kernel's output and log-sum-exp: the
+    gradient program calls the forward kernel once, where plain save_dots calls it twice."""
+    from phi_reason.model.decoder import remat_policy
+
+    q, k, v = qkv(64)
+    seg = jnp.ones((2, 64), jnp.int32)
+    loss = lambda q, k, v: jnp.sum(jnp.sin(cpu_flash.flash_attention(q * 2.0, k, v, seg, seg)))
+
+    def forward_calls(policy):
+        grad = jax.grad(jax.checkpoint(loss, policy=remat_policy(policy)), argnums=(0, 1, 2))
+        return str(jax.make_jaxpr(grad)(q, k, v)).count(cpu_flash.FORWARD_TARGET)
+
+    assert forward_calls("save_dots_attn") == 1
+    assert forward_calls("save_dots") == 2

@@ -21,7 +21,7 @@ PHI4_MINI_LONG_FACTOR = (
 )
 
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_attn", "save_attn_out", "save_qkv_proj")
-ATTENTION_IMPLS = ("auto", "reference", "chunked", "cpu_flash", "gpu", "tpu")
+ATTENTION_IMPLS = ("auto", "reference", "chunked", "causal_blocked", "cpu_flash", "gpu", "tpu")
 DTYPES = ("float32", "bfloat16", "float16")
 _LONGROPE_ALIASES = ("longrope", "su", "yarn")
 

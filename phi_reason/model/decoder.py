@@ -19,12 +19,18 @@ from .config import ModelConfig
 from .rope import apply_rope, rope_tables
 
 
+# Primitives through which a layer calls a fused attention kernel. Depending on the JAX version
+# the policy sees the custom_vjp call itself or the kernel call inside its forward rule (jax 0.10
+# shows only `ffi_call` for the CPU kernel, never `custom_vjp_call`).
+_ATTENTION_KERNEL_PRIMITIVES = ("custom_vjp_call", "ffi_call", "pallas_call")
+
+
 def _save_dots_and_attention_kernels(prim, *args, **params):
-    """Matmul outputs (as save_dots) plus the outputs of custom_vjp calls, which inside a layer
-    are the fused Pallas attention kernels (Triton, splash): their output and softmax statistics,
-    so the backward pass runs the kernel's backward without re-running its forward. JAX's cuDNN
-    call does not expose its residuals this way (benchmarks/check_remat_residuals.py)."""
-    return (prim.name.startswith("custom_vjp_call")
+    """Matmul outputs (as save_dots) plus the outputs of the fused attention kernels (CPU FFI
+    kernel, Pallas Triton, splash): their output and softmax statistics, so the backward pass
+    runs the kernel's backward without re-running its forward. JAX's cuDNN call does not expose
+    its residuals this way (benchmarks/check_remat_residuals.py)."""
+    return (prim.name.startswith(_ATTENTION_KERNEL_PRIMITIVES)
             or jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims(prim, *args, **params))
 
 

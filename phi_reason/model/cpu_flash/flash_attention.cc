@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <thread>
 #include <vector>
 
@@ -156,18 +157,28 @@ int cpu_count() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-// Runs fn(task) for task in [0, n) on up to cpu_count() threads.
+// Runs fn(task) for task in [0, n) on up to cpu_count() threads. A task that cannot allocate its
+// work buffers fails the call instead of terminating the process from a worker thread.
 template <typename Fn>
-void parallel_tasks(int64_t n, Fn fn) {
+ffi::Error parallel_tasks(int64_t n, Fn fn) {
   const int workers = static_cast<int>(std::min<int64_t>(n, cpu_count()));
   std::atomic<int64_t> next{0};
+  std::atomic<bool> failed{false};
   auto run = [&] {
-    for (int64_t task = next++; task < n; task = next++) fn(task);
+    try {
+      for (int64_t task = next++; task < n && !failed; task = next++) fn(task);
+    } catch (const std::bad_alloc&) {
+      failed = true;
+    }
   };
   std::vector<std::thread> threads;
   for (int w = 1; w < workers; ++w) threads.emplace_back(run);
   run();
   for (auto& th : threads) th.join();
+  if (failed)
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "cpu_flash: out of memory for the attention work buffers");
+  return ffi::Error::Success();
 }
 
 // Whether key s may be seen by query t.
@@ -382,11 +393,10 @@ ffi::Error forward_impl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   const Dims d = dims_of(q, k);
   auto kd = k.dimensions();
   if (auto err = check_shapes(d, kd[1], kd[2], kd[3]); err.failure()) return err;
-  parallel_tasks(d.b * d.nkv, [&](int64_t task) {
+  return parallel_tasks(d.b * d.nkv, [&](int64_t task) {
     forward_task(d, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(),
                  kseg.typed_data(), scale, task, out->typed_data(), lse->typed_data());
   });
-  return ffi::Error::Success();
 }
 
 ffi::Error backward_impl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -398,12 +408,11 @@ ffi::Error backward_impl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   const Dims d = dims_of(q, k);
   auto kd = k.dimensions();
   if (auto err = check_shapes(d, kd[1], kd[2], kd[3]); err.failure()) return err;
-  parallel_tasks(d.b * d.nkv, [&](int64_t task) {
+  return parallel_tasks(d.b * d.nkv, [&](int64_t task) {
     backward_task(d, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(),
                   kseg.typed_data(), out.typed_data(), lse.typed_data(), dout.typed_data(), scale,
                   task, dq->typed_data(), dk->typed_data(), dv->typed_data());
   });
-  return ffi::Error::Success();
 }
 
 // The arguments both targets start with: q, k, v, q_segment_ids, kv_segment_ids.
