@@ -20,9 +20,10 @@ from .rope import apply_rope, rope_tables
 
 
 # Primitives through which a layer calls a fused attention kernel. Depending on the JAX version
-# the policy sees the custom_vjp call itself or the kernel call inside its forward rule (jax 0.10
-# shows only `ffi_call` for the CPU kernel, never `custom_vjp_call`).
-_ATTENTION_KERNEL_PRIMITIVES = ("custom_vjp_call", "ffi_call", "pallas_call")
+# the policy sees the custom_vjp call itself or the call inside its forward rule (jax 0.10 shows
+# the CPU kernel's `custom_partitioning` wrapper around its `ffi_call`, never `custom_vjp_call`).
+_ATTENTION_KERNEL_PRIMITIVES = ("custom_vjp_call", "custom_partitioning", "ffi_call",
+                                "pallas_call")
 
 
 def _save_dots_and_attention_kernels(prim, *args, **params):

@@ -23,6 +23,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 SOURCE = Path(__file__).with_name("flash_attention.cc")
 FORWARD_TARGET = "phi_reason_cpu_flash_forward"
@@ -114,7 +116,7 @@ def available() -> bool:
     return build_error() is None
 
 
-def _forward_call(q, k, v, q_segment_ids, kv_segment_ids, scale):
+def _forward_kernel(q, k, v, q_segment_ids, kv_segment_ids, scale):
     b, t, nh, _ = q.shape
     return jax.ffi.ffi_call(
         FORWARD_TARGET,
@@ -123,24 +125,64 @@ def _forward_call(q, k, v, q_segment_ids, kv_segment_ids, scale):
     )(q, k, v, q_segment_ids, kv_segment_ids, scale=np.float32(scale))
 
 
+def _backward_kernel(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, scale):
+    return jax.ffi.ffi_call(
+        BACKWARD_TARGET,
+        tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+        vmap_method="sequential",
+    )(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out, scale=np.float32(scale))
+
+
+def _batch_parallel(kernel, n_args: int, rule: str):
+    """`kernel` wrapped so that XLA's SPMD partitioner runs it on each device's slice of the
+    batch (every argument and result is batch-major) instead of gathering whole operands: rows
+    are independent, so a batch-sharded call needs no communication. Any other sharding of the
+    operands is gathered (sequence, heads and head dim must be whole on a device)."""
+    wrapped = custom_partitioning(kernel, static_argnums=(n_args,))
+
+    def batch_shardings(mesh, shapes, batch_axes):
+        return tuple(NamedSharding(mesh, PartitionSpec(batch_axes, *([None] * (len(x.shape) - 1))))
+                     for x in shapes)
+
+    def batch_axes_of(arg_shapes):
+        spec = getattr(arg_shapes[0].sharding, "spec", ())
+        return spec[0] if len(spec) else None
+
+    def infer(scale, mesh, arg_shapes, result_shape):
+        return batch_shardings(mesh, result_shape, batch_axes_of(arg_shapes))
+
+    def partition(scale, mesh, arg_shapes, result_shape):
+        axes = batch_axes_of(arg_shapes)
+        return (mesh, lambda *args: kernel(*args, scale), batch_shardings(mesh, result_shape, axes),
+                batch_shardings(mesh, arg_shapes, axes))
+
+    names = rule.replace("->", " ").replace(",", " ").split()
+    factors = [f for i, f in enumerate(names) if f != "b" and f not in names[:i]]  # rule order
+    wrapped.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                          need_replication_factors=tuple(factors))
+    return wrapped
+
+
+_forward = _batch_parallel(_forward_kernel, 5, "b t h d, b t k d, b t k d, b t, b t -> "
+                                               "b t h d, b h t")
+_backward = _batch_parallel(_backward_kernel, 8, "b t h d, b t k d, b t k d, b t, b t, b t h d, "
+                                                 "b h t, b t h d -> b t h d, b t k d, b t k d")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _flash(q, k, v, q_segment_ids, kv_segment_ids, scale):
-    return _forward_call(q, k, v, q_segment_ids, kv_segment_ids, scale)[0]
+    return _forward(q, k, v, q_segment_ids, kv_segment_ids, scale)[0]
 
 
 def _flash_fwd(q, k, v, q_segment_ids, kv_segment_ids, scale):
-    out, lse = _forward_call(q, k, v, q_segment_ids, kv_segment_ids, scale)
+    out, lse = _forward(q, k, v, q_segment_ids, kv_segment_ids, scale)
     return out, (q, k, v, q_segment_ids, kv_segment_ids, out, lse)
 
 
 def _flash_bwd(scale, residuals, d_out):
     q, k, v, q_segment_ids, kv_segment_ids, out, lse = residuals
-    dq, dk, dv = jax.ffi.ffi_call(
-        BACKWARD_TARGET,
-        tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
-        vmap_method="sequential",
-    )(q, k, v, q_segment_ids, kv_segment_ids, out, lse, d_out.astype(jnp.float32),
-      scale=np.float32(scale))
+    dq, dk, dv = _backward(q, k, v, q_segment_ids, kv_segment_ids, out, lse,
+                           d_out.astype(jnp.float32), scale)
     return dq, dk, dv, None, None
 
 
