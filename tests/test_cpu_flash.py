@@ -107,6 +107,9 @@ def test_without_the_kernel_auto_falls_back_and_direct_use_says_why(env, reason,
     assert "the CPU flash-attention kernel is unavailable" in out.stdout
     assert reason in out.stdout
     assert not list(tmp_path.rglob("*.so*")), "a failed build must leave no library behind"
+    # a failed build is announced (once); switching the kernel off on purpose is silent
+    announced = out.stderr.count("RuntimeWarning: phi_reason: the CPU flash-attention kernel")
+    assert announced == (0 if env.get("PHI_REASON_CPU_FLASH") == "0" else 1)
 
 
 def test_save_dots_attn_keeps_the_kernel_residuals():

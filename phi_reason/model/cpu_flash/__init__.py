@@ -17,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -108,6 +109,10 @@ def build_error() -> Optional[str]:
     try:
         _register()
     except (BuildError, OSError, AttributeError) as err:
+        # once per process: attention="auto" now takes the slower XLA path on the CPU
+        warnings.warn(f"phi_reason: the CPU flash-attention kernel is unavailable, attention "
+                      f"'auto' uses XLA causal blocks ({DISABLE_ENV}=0 silences this): {err}",
+                      RuntimeWarning, stacklevel=2)
         return str(err)
     return None
 
