@@ -161,3 +161,12 @@ def test_batch_sharded_call_runs_per_device_without_gathering():
     for name, g, rg in zip("qkv", got, want):
         assert g.sharding.spec[0] == "data", name
         np.testing.assert_allclose(g, rg, atol=1e-5, rtol=1e-5, err_msg=f"d{name}")
+
+
+def test_kernel_rejects_mismatched_shapes_instead_of_reading_out_of_bounds():
+    q, k, v = qkv(16, batch=2)
+    seg = jnp.ones((2, 16), jnp.int32)
+    with pytest.raises(Exception, match=r"k/v must be \[B, T, nKV, hd\] like q"):
+        jax.block_until_ready(cpu_flash._forward_kernel(q, k[:1], v[:1], seg, seg, 0.25))
+    with pytest.raises(Exception, match="query heads must be a multiple of KV heads"):
+        jax.block_until_ready(cpu_flash._forward_kernel(q[:, :, :3], k, v, seg, seg, 0.25))

@@ -154,6 +154,12 @@ def chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None, kv_i
     return out[:, :t]
 
 
+def _plain_self_attention(q, k, q_index, kv_index) -> bool:
+    """Training-shaped attention (T == S, index = arange): what the causal-block and CPU-kernel
+    paths cover; the rest (cached decode) goes to `reference_attention`."""
+    return q_index is None and kv_index is None and k.shape[1] == q.shape[1]
+
+
 def causal_blocked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None,
                              kv_index=None, scale: Optional[float] = None,
                              block: Optional[int] = None):
@@ -169,7 +175,7 @@ def causal_blocked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=Non
     """
     t = q.shape[1]
     block = max(64, -(-t // 8)) if block is None else block
-    if q_index is not None or kv_index is not None or k.shape[1] != t or t <= block:
+    if not _plain_self_attention(q, k, q_index, kv_index) or t <= block:
         return reference_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index,
                                    scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -215,7 +221,7 @@ def attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None, kv_index=Non
         if jax.default_backend() != "cpu":
             raise ValueError(f"attention='cpu_flash' runs on the CPU backend only (this is "
                              f"{jax.default_backend()!r}); use 'auto'")
-        if q_index is not None or kv_index is not None or k.shape[1] != q.shape[1]:
+        if not _plain_self_attention(q, k, q_index, kv_index):
             return reference_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index, kv_index,
                                        scale)
         from .cpu_flash import flash_attention

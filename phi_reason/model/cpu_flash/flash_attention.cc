@@ -372,27 +372,27 @@ void backward_task(const Dims& d, const float* q, const float* k, const float* v
     }
 }
 
-ffi::Error check_shapes(const Dims& d, int64_t kt, int64_t kkv, int64_t khd) {
-  if (d.nkv <= 0 || d.nh % d.nkv != 0)
+// The problem's dimensions; rejects shapes the tasks would index out of bounds.
+ffi::Error read_dims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k,
+                     ffi::Buffer<ffi::F32>& v, Dims* d) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "q, k, v must be rank 4");
+  if (kd[2] <= 0 || qd[2] % kd[2] != 0)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "query heads must be a multiple of KV heads");
-  if (kt != d.t || khd != d.hd || kkv != d.nkv)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "k/v must be [B, T, nKV, hd] like q");
+  for (int i = 0; i < 4; ++i)
+    if (kd[i] != vd[i] || (i != 2 && kd[i] != qd[i]))
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "k/v must be [B, T, nKV, hd] like q");
+  *d = Dims{qd[0], qd[1], qd[2], kd[2], qd[3], qd[2] / kd[2]};
   return ffi::Error::Success();
-}
-
-Dims dims_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
-  auto qd = q.dimensions();
-  auto kd = k.dimensions();
-  return Dims{qd[0], qd[1], qd[2], kd[2], qd[3], kd[2] > 0 ? qd[2] / kd[2] : 0};
 }
 
 ffi::Error forward_impl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                         ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> qseg,
                         ffi::Buffer<ffi::S32> kseg, ffi::ResultBuffer<ffi::F32> out,
                         ffi::ResultBuffer<ffi::F32> lse, float scale) {
-  const Dims d = dims_of(q, k);
-  auto kd = k.dimensions();
-  if (auto err = check_shapes(d, kd[1], kd[2], kd[3]); err.failure()) return err;
+  Dims d;
+  if (auto err = read_dims(q, k, v, &d); err.failure()) return err;
   return parallel_tasks(d.b * d.nkv, [&](int64_t task) {
     forward_task(d, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(),
                  kseg.typed_data(), scale, task, out->typed_data(), lse->typed_data());
@@ -405,9 +405,8 @@ ffi::Error backward_impl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                          ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                          ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
                          ffi::ResultBuffer<ffi::F32> dv, float scale) {
-  const Dims d = dims_of(q, k);
-  auto kd = k.dimensions();
-  if (auto err = check_shapes(d, kd[1], kd[2], kd[3]); err.failure()) return err;
+  Dims d;
+  if (auto err = read_dims(q, k, v, &d); err.failure()) return err;
   return parallel_tasks(d.b * d.nkv, [&](int64_t task) {
     backward_task(d, q.typed_data(), k.typed_data(), v.typed_data(), qseg.typed_data(),
                   kseg.typed_data(), out.typed_data(), lse.typed_data(), dout.typed_data(), scale,
