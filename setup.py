@@ -4,8 +4,12 @@ setup(
     name="phi-reason",
     version="0.1.0",
     description="JAX-native post-training for Microsoft's Phi-4 reasoning models",
-    packages=find_packages(include=["phi_reason", "phi_reason.*"]),
-    package_data={"phi_reason": ["configs/*.yaml", "model/cpu_flash/*.cc"]},
+    # The run configs live at the checkout's root (`configs/*.yaml`, as README uses them) and ship
+    # inside the package as the data-only package `phi_reason.configs` (found with
+    # importlib.resources by phi_reason.resources), one copy for checkout, wheel and editable install.
+    packages=[*find_packages(include=["phi_reason", "phi_reason.*"]), "phi_reason.configs"],
+    package_dir={"phi_reason.configs": "configs"},
+    package_data={"phi_reason": ["model/cpu_flash/*.cc"], "phi_reason.configs": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",

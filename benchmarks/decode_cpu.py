@@ -67,7 +67,7 @@ def bytes_per_step(cfg, batch, context) -> float:
 
 
 def bench_ours(cfg, params, prompts, budgets, runs, num_slots):
-    from phi_reason.generate.sampler import generate
+    from phi_reason.engine.sampler import generate
 
     def go():
         return generate(params, cfg, prompts, budgets, stop_tokens=(), num_slots=num_slots)
@@ -152,7 +152,7 @@ def main(argv=None):
         t_cont, n = bench_ours(cfg, params, prompts, budgets, args.runs, 16)
 
         def static():
-            from phi_reason.generate.sampler import generate
+            from phi_reason.engine.sampler import generate
 
             for s in range(0, 64, 16):
                 generate(params, cfg, prompts[s:s + 16], budgets[s:s + 16], stop_tokens=(),

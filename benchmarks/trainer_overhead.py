@@ -24,7 +24,8 @@ import time
 import jax
 
 from phi_reason.config import load_run_config
-from phi_reason.train import loop
+from phi_reason.jobs import build
+from phi_reason.jobs.trainer import BatchSteps, Trainer
 from phi_reason.train.steps import make_sft_step
 
 TINY_SFT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
@@ -74,17 +75,17 @@ class Timer:
 
 
 def time_trainer(run, warmup: int, steps: int) -> float:
-    mesh, cfg, params, data, total, tc = loop._setup(run, "sft")
-    state = loop._new_state(cfg, tc, params, mesh)
+    mesh, cfg, params, data, total, tc = build.setup_run(run, "sft")
+    state = build.new_train_state(cfg, tc, params, mesh)
     timer = Timer(warmup, steps)
-    trainer = loop.Trainer(run, cfg, state, STEP[0], data, total, hooks=[timer])
+    trainer = Trainer(run, cfg, BatchSteps(state, STEP[0], data), total, hooks=[timer])
     trainer.train()
     return timer.t1 - timer.t0
 
 
 def time_bare(run, warmup: int, steps: int) -> float:
-    mesh, cfg, params, data, total, tc = loop._setup(run, "sft")
-    state = loop._new_state(cfg, tc, params, mesh)
+    mesh, cfg, params, data, total, tc = build.setup_run(run, "sft")
+    state = build.new_train_state(cfg, tc, params, mesh)
     batches = [next(data) for _ in range(steps)]
     for b in batches[:warmup]:
         state, _ = STEP[0](state, b)
@@ -114,7 +115,7 @@ def main(argv=None):
         for i in range(args.repeats):
             run = run_config(args.size, data, os.path.join(tmp, f"run{i}"), args.steps)
             if STEP[0] is None:
-                cfg = loop.build_model(run)[0]
+                cfg = build.build_model(run)[0]
                 STEP[0] = make_sft_step(cfg, run.train)
             bare.append(time_bare(run, args.warmup, args.steps))
             trained.append(time_trainer(run, args.warmup, args.steps))

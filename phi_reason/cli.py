@@ -1,5 +1,9 @@
-"""`phi-reason` command line: argument parsing only. Each subcommand calls one function
-elsewhere (imported lazily, so `phi-reason --help` is instant)."""
+"""`phi-reason` command line: argument parsing only. Each subcommand calls one job function
+(imported lazily, so `phi-reason --help` is quick); choices come from the registries they name.
+
+Every command reports bad input (`UsageError`: a config key, a path, a file's line) as one line and
+exit status 2, and a run that stops on its own condition (`RunFailed`) as one line and status 1.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +14,19 @@ import sys
 def _call(target: str, **kwargs):
     module, fn = target.rsplit(":", 1)
     return getattr(importlib.import_module(module), fn)(**kwargs)
+
+
+def report_errors(fn, *args, **kwargs) -> int:
+    """Run a job; its expected failures become one line on stderr and an exit status."""
+    from phi_reason.errors import RunFailed, UsageError
+    try:
+        return int(fn(*args, **kwargs) or 0)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def _overrides(p):
@@ -45,7 +62,7 @@ def _add_convert(sub):
     a.add_argument("out")
     a.add_argument("--dtype", default=None, help="cast weights (float32|bfloat16); default: keep")
     a.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    a.set_defaults(fn=lambda x: _convert("phi_reason.checkpoint.convert:hf_to_orbax",
+    a.set_defaults(fn=lambda x: _call("phi_reason.checkpoint.convert:hf_to_orbax",
                                          hf_dir=x.hf_dir, out=x.out, dtype=x.dtype,
                                          overwrite=x.overwrite))
     b = csub.add_parser("orbax-to-hf", help="Orbax checkpoint -> HF safetensors dir")
@@ -55,21 +72,10 @@ def _add_convert(sub):
     b.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default 5GB)")
     b.add_argument("--dtype", default=None, help="cast weights (float32|bfloat16); default: keep")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    b.set_defaults(fn=lambda x: _convert("phi_reason.checkpoint.convert:orbax_to_hf",
+    b.set_defaults(fn=lambda x: _call("phi_reason.checkpoint.convert:orbax_to_hf",
                                          ckpt=x.ckpt, out=x.out, tokenizer_from=x.tokenizer_from,
                                          max_shard_size=x.max_shard_size, dtype=x.dtype,
                                          overwrite=x.overwrite))
-
-
-def _convert(target, **kwargs):
-    """Bad checkpoints are user errors: one clear line and exit status 2, not a traceback."""
-    from phi_reason.checkpoint.common import CheckpointError
-    from phi_reason.model.config import ConfigError
-    try:
-        return _call(target, **kwargs)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 # ---------------------------------------------------------------- generate (issue 5)
@@ -89,16 +95,16 @@ def _add_generate(sub):
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-slots", type=int, default=8, help="continuous-batching slots")
-    p.set_defaults(fn=lambda a: _call("phi_reason.generate.run:main", **_kw(a)))
+    p.set_defaults(fn=lambda a: _call("phi_reason.jobs.generate:main", **_kw(a)))
 
 
 # ---------------------------------------------------------------- training (issues 7, 8)
 def _add_training(sub):
     for name, target, helptext in (
-        ("sft", "phi_reason.train.loop:run_sft", "supervised fine-tuning (packed or unpacked)"),
-        ("dpo", "phi_reason.train.loop:run_dpo", "direct preference optimisation"),
-        ("rl", "phi_reason.train.rl:run_rl", "RL with verifiable rewards (GRPO family)"),
-        ("rollout-dpo", "phi_reason.train.rollout_dpo:run_rollout_dpo",
+        ("sft", "phi_reason.jobs.sft:run_sft", "supervised fine-tuning (packed or unpacked)"),
+        ("dpo", "phi_reason.jobs.dpo:run_dpo", "direct preference optimisation"),
+        ("rl", "phi_reason.jobs.rl:run_rl", "RL with verifiable rewards (GRPO family)"),
+        ("rollout-dpo", "phi_reason.jobs.rollout_dpo:run_rollout_dpo",
          "sample, grade and write chosen/rejected pairs for DPO"),
     ):
         p = sub.add_parser(name, help=helptext, description=helptext)
@@ -113,9 +119,8 @@ def _add_training(sub):
 def _add_eval(sub):
     p = sub.add_parser("eval", help="evaluate a checkpoint on a math benchmark")
     p.add_argument("--model", required=True)
-    p.add_argument("--benchmark", required=True,
-                   choices=["math500", "aime24", "aime25", "amc23", "gsm8k", "minerva",
-                            "olympiadbench", "math"])
+    from phi_reason.eval.benchmarks import BENCHMARKS
+    p.add_argument("--benchmark", required=True, choices=list(BENCHMARKS))
     p.add_argument("--data", default=None, help="local JSONL/Parquet file of the benchmark")
     p.add_argument("--out", default="./eval_out")
     p.add_argument("--samples", type=int, default=1)
@@ -126,7 +131,7 @@ def _add_eval(sub):
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=lambda a: _call("phi_reason.eval.benchmarks:main", **_kw(a)))
+    p.set_defaults(fn=lambda a: _call("phi_reason.jobs.eval:main", **_kw(a)))
 
     g = sub.add_parser("grade", help="grade predictions against gold answers (sandboxed)")
     g.add_argument("--input", required=True, help="JSONL with 'prediction' and 'gold' per line")
@@ -156,9 +161,12 @@ def _add_plan(sub):
     p.add_argument("--devices", type=int, default=None, help="suggest a mesh for N devices")
     p.add_argument("--batch", type=int, default=1, help="global batch (sequences)")
     p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--remat", default="full",
-                   help="none | full | save_dots | save_dots_attn | save_attn_out | save_qkv_proj")
-    p.add_argument("--accelerator", default="h100", help="h100 | h200 | v5e | v5p | v6e")
+    from phi_reason.hardware import ACCELERATORS
+    from phi_reason.model.config import REMAT_POLICIES
+    p.add_argument("--remat", default="full", choices=REMAT_POLICIES)
+    p.add_argument("--accelerator", default="h100", type=str.lower,
+                   choices=[n for a in ACCELERATORS.values() for n in (a.name, *a.aliases)],
+                   metavar="{" + ",".join(ACCELERATORS) + "}")
     p.add_argument("--param-dtype", default="float32")
     p.add_argument("--compute-dtype", default="bfloat16")
     p.add_argument("--optimizer-dtype", default="float32")
@@ -166,7 +174,7 @@ def _add_plan(sub):
     p.add_argument("--logits-chunk", type=int, default=0,
                    help="train.logits_chunk: loss logits for N positions at a time (0: all)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(fn=lambda a: _call("phi_reason.sharding.plan:main", **_kw(a)))
+    p.set_defaults(fn=lambda a: _call("phi_reason.jobs.plan:main", **_kw(a)))
 
 
 def _kw(ns):
@@ -194,11 +202,10 @@ def main(argv=None) -> int:
         from phi_reason.host_allocator import tune_for_cpu
         tune_for_cpu()  # before anything imports JAX
     try:
-        rc = args.fn(args)
+        return report_errors(args.fn, args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return int(rc or 0)
 
 
 if __name__ == "__main__":

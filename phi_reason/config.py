@@ -21,9 +21,10 @@ import yaml
 
 from .files import atomic_open
 from .model.config import ModelConfig
+from .errors import UsageError
 
 
-class RunConfigError(ValueError):
+class RunConfigError(UsageError):
     """A bad run config: the message names the file and the dotted key."""
 
 

@@ -21,10 +21,12 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UsageError
 from .files import atomic_write_text, write_jsonl
+from .resources import config_path
 
 STAGES = ("base", "midtrain", "sft", "dpo", "rl")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = config_path("demo.yaml")  # configs/demo.yaml, shipped in the package
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -46,7 +48,7 @@ def load_spec(config=None, quick=False, overrides=()) -> dict:
 
     path = Path(config) if config else DEFAULT_CONFIG
     if not path.exists():
-        raise FileNotFoundError(f"demo config {path} not found (pass --config)")
+        raise UsageError(f"demo config {path} not found (pass --config)")
     spec = yaml.safe_load(path.read_text())
     quick_part = spec.pop("quick", {})
     if quick:
@@ -120,7 +122,7 @@ class Evaluator:
     def __init__(self, heldout_file: Path, max_new_tokens: int, pool):
         from .data.tokenizer import load_tokenizer
         from .data.sources import load_records
-        from .train.rl_prompts import prompts_from_records
+        from .jobs.prompts import prompts_from_records
 
         self.tok = load_tokenizer("char")
         recs = load_records([str(heldout_file)], "rl")
@@ -130,14 +132,15 @@ class Evaluator:
     def __call__(self, model_dir: Path) -> dict:
         from .checkpoint import load_pretrained
         from .data.chat import stop_ids
-        from .generate.sampler import generate
-        from .train.rl import decode_completion, submit_grading
+        from .data.tokenizer import completion_text
+        from .engine.sampler import generate
+        from .jobs.rl_loop import submit_grading
 
         cfg, params = load_pretrained(str(model_dir))
         stops = stop_ids("plain", self.tok)
         out = generate(params, cfg, [p.ids for p in self.prompts],
                        max_new_tokens=self.max_new_tokens, stop_tokens=stops)
-        texts = [decode_completion(self.tok, t, stops) for t in out.tokens]
+        texts = [completion_text(self.tok, t, stops) for t in out.tokens]
         correct = submit_grading(self.pool, [(t, p.answer) for t, p in zip(texts, self.prompts)],
                                  "eval")()
         return {"accuracy": sum(correct) / len(correct),
@@ -161,8 +164,9 @@ def _save_base(spec: dict, out: Path) -> Path:
 
 def run_stages(spec: dict, out: Path, log=print) -> list:
     from .eval.pool import GraderPool
-    from .train.loop import run_dpo, run_sft
-    from .train.rl import run_rl
+    from .jobs.dpo import run_dpo
+    from .jobs.rl import run_rl
+    from .jobs.sft import run_sft
 
     out.mkdir(parents=True, exist_ok=True)
     files = write_data(spec["task"], int(spec.get("seed", 0)), out / "data")
@@ -195,7 +199,7 @@ def run_stages(spec: dict, out: Path, log=print) -> list:
 
 def _rollout_pairs(spec: dict, out: Path, model: Path, files: dict, log) -> int:
     """Rollout DPO data from the current model; returns the number of pairs written."""
-    from .train.rollout_dpo import run_rollout_dpo
+    from .jobs.rollout_dpo import run_rollout_dpo
 
     _check(run_rollout_dpo(str(_stage_config(spec, "rollout", out, model, files))), "rollout")
     pairs = sum(1 for _ in open(out / "rollout" / "pairs.jsonl"))

@@ -15,7 +15,8 @@ DEFAULT_MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "mat
 
 def run_real_model(model: str, data=None, num_problems: int = 5, max_new_tokens: int = 4096,
                    out: str = "./demo_real_out") -> int:
-    from .eval.benchmarks import evaluate, load_benchmark, model_generate_fn
+    from .eval.benchmarks import evaluate, load_benchmark
+    from .jobs.eval import model_generate_fn
 
     path = Path(data) if data else DEFAULT_MATH500
     if not path.is_file():

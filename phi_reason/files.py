@@ -10,11 +10,19 @@ import pathlib
 import tempfile
 from typing import IO, Iterator
 
+from .errors import UsageError
+
+
+class JSONLError(UsageError):
+    """A JSONL file that is missing or has a bad line (the message names file:line)."""
+
 
 def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a line that is not a JSON object raises
-    ValueError naming file:line."""
+    """(line number, object) for each non-blank line; a missing file or a line that is not a JSON
+    object raises JSONLError naming file:line."""
     path = pathlib.Path(path)
+    if not path.is_file():
+        raise JSONLError(f"{path}: file not found")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -22,20 +30,20 @@ def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                raise JSONLError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
+                raise JSONLError(f"{path}:{lineno}: expected a JSON object, got "
                                  f"{type(record).__name__}")
             yield lineno, record
 
 
 def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
-    """Records of a JSONL file; a bad line or a missing key raises ValueError naming file:line."""
+    """Records of a JSONL file; a bad line or a missing key raises JSONLError naming file:line."""
     records = []
     for lineno, record in iter_jsonl(path):
         for key in required:
             if key not in record:
-                raise ValueError(f"{path}:{lineno}: missing key {key!r}")
+                raise JSONLError(f"{path}:{lineno}: missing key {key!r}")
         records.append(record)
     return records
 

@@ -125,3 +125,18 @@ def test_char_tokenizer_round_trip_and_specials():
     assert tok.pad_id == 0 and tok.eos_ids == (tok.special_tokens["<|endoftext|>"],)
     with pytest.raises(TokenizerError, match="outside"):
         tok.decode([tok.vocab_size])
+
+
+def test_completion_text_drops_the_ending_stop_and_ids_past_the_vocabulary():
+    from phi_reason.data.tokenizer import completion_text
+    tok = CharTokenizer()
+    eos = tok.eos_ids[0]
+    body = tok.encode("\\boxed{7}")
+    assert completion_text(tok, body + [eos], (eos,)) == "\\boxed{7}"
+    assert completion_text(tok, body, (eos,)) == "\\boxed{7}"  # cut at the budget: no stop
+    # only the stop that ended the row goes: an earlier one is text like any other special
+    assert completion_text(tok, [eos] + body, (eos,)) == "<|endoftext|>\\boxed{7}"
+    # the tiny preset's table has 512 ids, the tokenizer 264: the sampler can draw the rest
+    assert completion_text(tok, body[:3] + [tok.vocab_size, 511] + body[3:] + [eos], (eos,)) == \
+        "\\boxed{7}"
+    assert completion_text(tok, [], (eos,)) == ""

@@ -5,8 +5,10 @@ import json
 import pytest
 
 from phi_reason import cli
-from phi_reason.eval import benchmarks
-from phi_reason.eval.benchmarks import evaluate, guess_chat_format, load_benchmark
+from phi_reason.errors import UsageError
+from phi_reason.eval.benchmarks import evaluate, load_benchmark
+from phi_reason.jobs import eval as eval_job
+from phi_reason.jobs.eval import guess_chat_format
 
 FILES = {"math500": "math500.jsonl", "math": "math_test5000.jsonl", "gsm8k": "gsm8k.jsonl",
          "aime24": "aime24.jsonl", "aime25": "aime25.jsonl", "amc23": "amc23.jsonl",
@@ -42,7 +44,7 @@ def test_load_errors_name_file_and_row(tmp_path):
         load_benchmark("math500", f)
     with pytest.raises(ValueError, match="unknown benchmark"):
         load_benchmark("mmlu", f)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UsageError, match=r"missing\.jsonl does not exist"):
         load_benchmark("math500", tmp_path / "missing.jsonl")
 
 
@@ -136,7 +138,7 @@ def test_eval_cli_wiring(tmp_path, monkeypatch):
                     max_new_tokens=max_new_tokens)
         return fake_generate, "phi-4-reasoning"
 
-    monkeypatch.setattr(benchmarks, "model_generate_fn", fake_model_generate_fn)
+    monkeypatch.setattr(eval_job, "model_generate_fn", fake_model_generate_fn)
     rc = cli.main(["eval", "--model", "/ckpt/phi-4-reasoning", "--benchmark", "math500",
                    "--data", str(data), "--out", str(tmp_path / "out"), "--samples", "3",
                    "--limit", "2", "--max-new-tokens", "64"])
@@ -181,7 +183,7 @@ def test_model_generate_fn_wiring(monkeypatch):
     prompts are the chat-format renderings repeated K times, stop tokens are passed and stripped
     from the text but counted in num_tokens, and sampling settings reach the sampler."""
     import phi_reason.checkpoint as checkpoint
-    import phi_reason.generate.sampler as sampler
+    import phi_reason.engine.sampler as sampler
     from phi_reason.data.chat import render_prompt, stop_ids
     from phi_reason.data.tokenizer import load_tokenizer
 
@@ -191,15 +193,17 @@ def test_model_generate_fn_wiring(monkeypatch):
 
     def fake_generate(params, cfg, prompts, max_new_tokens, **kw):
         calls.update(prompts=prompts, max_new_tokens=max_new_tokens, **kw)
-        toks = [tok.encode("\\boxed{2}") + [stops[0]], tok.encode("\\boxed{3")]
+        # 300 is past the char tokenizer's 264 ids (the tiny model's table has 512): no text
+        toks = [tok.encode("\\boxed{2}") + [300, stops[0]], tok.encode("\\boxed{3") + [511]]
         return sampler.GenerateOutput(tokens=[toks[i % 2] for i in range(len(prompts))],
                                       logprobs=[[] for _ in prompts],
                                       finish_reasons=["stop", "length"] * (len(prompts) // 2))
 
+    monkeypatch.setattr(checkpoint, "detect_format", lambda path: "hf")
     monkeypatch.setattr(checkpoint, "load_pretrained", lambda path: ("cfg", "params"))
     monkeypatch.setattr(sampler, "generate", fake_generate)
-    fn, fmt = benchmarks.model_generate_fn("/ckpt/x", tokenizer="char", chat_format="plain",
-                                           temperature=0.8, top_p=0.95, max_new_tokens=16, seed=5)
+    fn, fmt = eval_job.model_generate_fn("/ckpt/x", tokenizer="char", chat_format="plain",
+                                         temperature=0.8, top_p=0.95, max_new_tokens=16, seed=5)
     out = fn(["1+1?", "1+2?"], 2)
     assert fmt == "plain"
     expected_prompts = [render_prompt(q, tok, "plain") for q in ("1+1?", "1+2?") for _ in range(2)]
@@ -207,6 +211,7 @@ def test_model_generate_fn_wiring(monkeypatch):
     assert (calls["temperature"], calls["top_p"], calls["seed"], calls["max_new_tokens"]) == (
         0.8, 0.95, 5, 16)
     assert tuple(calls["stop_tokens"]) == stops
-    assert out[0] == {"text": "\\boxed{2}", "num_tokens": len("\\boxed{2}") + 1,
+    assert out[0] == {"text": "\\boxed{2}", "num_tokens": len("\\boxed{2}") + 2,
                       "finish_reason": "stop"}
-    assert out[1] == {"text": "\\boxed{3", "num_tokens": len("\\boxed{3"), "finish_reason": "length"}
+    assert out[1] == {"text": "\\boxed{3", "num_tokens": len("\\boxed{3") + 1,
+                      "finish_reason": "length"}

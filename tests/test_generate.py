@@ -15,7 +15,7 @@ import pytest
 from hf_reference import TINY_SHAPES
 from phi_reason.model.decoder import forward
 from phi_reason.model.params import init_params
-from phi_reason.generate.sampler import generate
+from phi_reason.engine.sampler import generate
 
 CFG = TINY_SHAPES["phi-4-mini-like"].replace(initializer_range=0.2)  # LongRoPE, original_max 64
 OMAX = CFG.original_max_position_embeddings
@@ -182,5 +182,7 @@ def test_decode_step_without_regime_decides_from_positions(params, position, reg
     got, _ = step(params, CFG, cache, tokens, pos, None)
     want, _ = step(params, CFG, cache, tokens, pos, jnp.full((2,), regime))
     other, _ = step(params, CFG, cache, tokens, pos, jnp.full((2,), not regime))
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # Two programs (regime traced vs passed in): identical rope tables, but XLA may fuse the rest
+    # differently; 1e-5 is ~20 ulp of |logits| <= 6.3, while the other regime is off by >= 4.7.
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
     assert not np.allclose(np.asarray(got), np.asarray(other))

@@ -2,6 +2,7 @@
 text and the JSONL output equal what `generate` returns for the same prompt ids; bad prompt files
 are rejected with the file and line named."""
 import json
+import re
 
 import jax
 import pytest
@@ -9,8 +10,9 @@ import pytest
 from phi_reason import cli
 from phi_reason.checkpoint import save_pretrained
 from phi_reason.data.tokenizer import load_tokenizer
-from phi_reason.generate.run import GenerateInputError
-from phi_reason.generate.sampler import generate
+from phi_reason.jobs import generate as generate_job
+from phi_reason.jobs.generate import GenerateInputError
+from phi_reason.engine.sampler import generate
 from phi_reason.model.config import ModelConfig
 from phi_reason.model.params import init_params
 
@@ -66,11 +68,14 @@ def test_prompts_file_to_jsonl(model_dir, tmp_path):
     ('{"prompt": "ok"}\nnot json\n', r"in.jsonl:2: invalid JSON"),
     ('\n', r"in.jsonl: no prompts"),
 ])
-def test_bad_prompt_file_names_file_and_line(model_dir, tmp_path, content, match):
+def test_bad_prompt_file_names_file_and_line(model_dir, tmp_path, content, match, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text(content)
     with pytest.raises(GenerateInputError, match=match):
-        cli.main(["generate", "--model", model_dir[0], "--prompts", str(src), *ARGS])
+        generate_job.main(model_dir[0], prompts=str(src))
+    assert cli.main(["generate", "--model", model_dir[0], "--prompts", str(src), *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_streamer_waits_for_split_characters_and_flushes_broken_ones():
@@ -79,7 +84,7 @@ def test_streamer_waits_for_split_characters_and_flushes_broken_ones():
     streamed text always equals the decoded completion."""
     import io
 
-    from phi_reason.generate.run import _Streamer
+    from phi_reason.jobs.generate import _Streamer
 
     tok = load_tokenizer("char")
     h, e1, e2 = tok.encode("hé")  # "é" is two UTF-8 bytes, one token each

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hf_reference import TINY_SHAPES, params_from_hf, random_hf_model
-from phi_reason.generate.sampler import generate
+from phi_reason.engine.sampler import generate
 
 NEW_TOKENS = 64
 INIT = 0.2  # wide enough logits that greedy runs do not collapse into a short loop

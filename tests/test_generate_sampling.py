@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from phi_reason.generate.sampler import generate
-from phi_reason.generate.sampling import SamplingParams, filtered_logits, top_p_keep
+from phi_reason.engine.sampler import generate
+from phi_reason.engine.sampling import SamplingParams, filtered_logits, top_p_keep
 from phi_reason.model.config import ModelConfig
 from phi_reason.model.decoder import forward
 from phi_reason.model.params import init_params

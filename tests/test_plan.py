@@ -10,7 +10,7 @@ from phi_reason import cli
 from phi_reason.model.config import ModelConfig
 from phi_reason.model.decoder import forward
 from phi_reason.model.params import abstract_params
-from phi_reason.sharding import plan as planner
+from phi_reason.jobs import plan as planner
 from phi_reason.sharding.mesh import MeshError
 
 PHI4 = ModelConfig.preset("phi-4")
@@ -106,8 +106,8 @@ def test_bad_plan_inputs_name_the_problem():
         planner.plan_memory(PHI4, {"data": 1, "fsdp": 4, "tensor": 16}, batch=4, seq=128)
     with pytest.raises(MeshError, match=r"'batch' of size 6 .*fsdp=16"):
         planner.plan_memory(PHI4, {"data": 1, "fsdp": 16, "tensor": 4}, batch=6, seq=128)
-    with pytest.raises(MeshError, match="unknown accelerator 'a100'"):
-        planner.plan_memory(PHI4, {"fsdp": 16}, batch=16, seq=128, accelerator="a100")
+    with pytest.raises(MeshError, match="unknown accelerator 'tpu-v9'; known: h100-pcie, h100"):
+        planner.plan_memory(PHI4, {"fsdp": 16}, batch=16, seq=128, accelerator="tpu-v9")
 
 def test_cli_errors_are_one_line(capsys):
     assert cli.main(["plan", "--model", "phi-4", "--mesh", "data=1,fsdp=-1"]) == 2

@@ -22,9 +22,9 @@ from phi_reason.model.config import ModelConfig
 from phi_reason.model.params import init_params
 from phi_reason.train.advantages import nonzero_variance_groups
 from phi_reason.train.optim import make_optimizer
-from phi_reason.train.rl import train_rl
-from phi_reason.train.rl_loop import RLLoop, evaluate_policy
-from phi_reason.train.rl_config import load_rl_config
+from phi_reason.jobs.rl import train_rl
+from phi_reason.jobs.rl_loop import RLLoop, evaluate_policy
+from phi_reason.jobs.rl_config import load_rl_config
 from phi_reason.train.rollouts import Prompt
 from phi_reason.train.state import TrainState
 from phi_reason.train.steps import make_sft_step
@@ -174,7 +174,7 @@ def test_rl_checkpoint_resume_matches_uninterrupted(task, tmp_path):
 def test_rollout_dpo_pairs_are_correct_vs_incorrect(task, tmp_path):
     from phi_reason.config import load_run_config
     from phi_reason.data.sources import load_records
-    from phi_reason.train.rollout_dpo import RolloutDPOConfig, rollout_dpo
+    from phi_reason.jobs.rollout_dpo import RolloutDPOConfig, rollout_dpo
 
     out = tmp_path / "pairs.jsonl"
     run = load_run_config(None, [

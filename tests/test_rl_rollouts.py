@@ -3,13 +3,7 @@ import numpy as np
 import pytest
 
 from phi_reason.train.rewards import BINARY_REWARDS, make_reward_fn
-from phi_reason.train.rollouts import Prompt, build_pg_batch, pad_length, score_groups, strip_stop
-
-
-def test_strip_stop():
-    assert strip_stop([5, 6, 9], (9,)) == [5, 6]
-    assert strip_stop([5, 6, 7], (9,)) == [5, 6, 7]
-    assert strip_stop([], (9,)) == []
+from phi_reason.train.rollouts import Prompt, build_pg_batch, pad_length, score_groups
 
 
 def test_score_groups_prompt_major():
@@ -57,7 +51,7 @@ def test_pad_length():
 def test_rl_configs_carry_the_paper_values():
     import pathlib
 
-    from phi_reason.train.rl_config import load_rl_config
+    from phi_reason.jobs.rl_config import load_rl_config
 
     root = pathlib.Path(__file__).parents[1] / "configs"
     plus = load_rl_config(str(root / "phi4_reasoning_plus_grpo.yaml"))
@@ -77,7 +71,7 @@ def test_rl_configs_carry_the_paper_values():
 
 def test_rl_config_errors():
     from phi_reason.config import RunConfigError
-    from phi_reason.train.rl_config import load_rl_config
+    from phi_reason.jobs.rl_config import load_rl_config
 
     with pytest.raises(RunConfigError, match="did you mean 'rl.group_size'"):
         load_rl_config(None, ["rl.group_sise=4"])
@@ -92,7 +86,7 @@ def test_rl_config_errors():
 def test_fold_temperature_divides_logits():
     from phi_reason.model.config import ModelConfig
     from phi_reason.model.decoder import logits_from_hidden
-    from phi_reason.train.rl_loop import fold_temperature
+    from phi_reason.train.policy import fold_temperature
 
     # final_norm enters the logits only here (final RMSNorm, then the LM head); the weights that
     # logits_from_hidden reads are built directly (init_params is far slower than this check).

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from phi_reason.config import RunConfigError, load_run_config
-from phi_reason.train.rollout_dpo import RolloutDPOConfig, make_pairs
+from phi_reason.jobs.rollout_dpo import RolloutDPOConfig, make_pairs
 
 
 def test_make_pairs_chosen_correct_rejected_incorrect():

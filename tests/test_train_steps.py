@@ -231,7 +231,7 @@ def test_sharded_step_matches_single_device(sft_steps):
     from phi_reason.sharding.init import sharded_init, sharded_opt_init
     from phi_reason.sharding.mesh import make_mesh
     from phi_reason.sharding.rules import param_shardings
-    from phi_reason.train.loop import place_batch
+    from phi_reason.jobs.build import place_batch
 
     mesh = make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])  # batch 4: 2-way
     tc = train_cfg(micro_batch_size=2)

@@ -13,9 +13,10 @@ import ml_dtypes
 import numpy as np
 
 from ..host_allocator import libc_function
+from ..errors import UsageError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint that cannot be read or written; the message names the file / tensor / key."""
 
 

@@ -17,6 +17,7 @@ Formats (PHI4_FACTS section 3):
 from __future__ import annotations
 
 import dataclasses
+from ..errors import UsageError
 
 ROLES = ("system", "user", "assistant")
 
@@ -43,7 +44,7 @@ PHI4_MINI_REASONING_SYSTEM = "Your name is Phi, an AI math expert developed by M
 EOS = object()  # placeholder for "the tokenizer's first eos id" (plain format)
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(UsageError):
     """A conversation or format that cannot be rendered."""
 
 

@@ -102,6 +102,8 @@ def decontaminate(train_path, eval_paths, ngram: int = 13, field: str | None = N
         for record, where in zip(source.records, source.where):
             index.add(record_text(record, where, field), where)
     train = pathlib.Path(train_path)
+    if not train.is_file():
+        raise DataError(f"{train}: training file not found")
     if train.suffix.lower() not in (".jsonl", ".json"):
         raise DataError(f"{train}: the training file must be JSONL (its lines are copied unchanged)")
     kept, removed = [], []

@@ -22,9 +22,10 @@ import pathlib
 
 from .boxed import gsm8k_answer, last_boxed
 from .chat import ROLES
+from ..errors import UsageError
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Bad input data; the message names the file and line (or row) and what was expected."""
 
 

@@ -16,9 +16,10 @@ import os
 import pathlib
 import re
 from typing import Protocol, runtime_checkable
+from ..errors import UsageError
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UsageError):
     """A tokenizer could not be built from the given spec or files."""
 
 
@@ -223,3 +224,15 @@ def load_tokenizer(spec: str, bpe_file: str | os.PathLike | None = None) -> Toke
         return HFTokenizer(spec)
     raise TokenizerError(f"unknown tokenizer spec {spec!r}: expected 'char', 'phi-4', "
                          "'phi-4-reasoning' or an existing HF tokenizer directory")
+
+
+def completion_text(tokenizer, ids, stop_ids) -> str:
+    """Generated ids -> response text, the one rule every caller (eval, generate, RL, Rollout DPO,
+    the demo) uses: the stop token that ended the row is not part of the text, and ids past the
+    tokenizer's vocabulary carry no text (a model's embedding table is often padded past its
+    tokenizer - Phi-4-mini's 200,064 rows, the tiny preset's 512 for the byte tokenizer's 264 - and
+    a sampler can draw those ids)."""
+    ids = list(ids)
+    if ids and ids[-1] in set(stop_ids):
+        ids = ids[:-1]
+    return tokenizer.decode([t for t in ids if 0 <= t < tokenizer.vocab_size])

@@ -1,4 +1,4 @@
-"""`phi-reason eval`: load a math benchmark, sample K responses per problem, grade, report.
+"""Math benchmarks: load one, sample K responses per problem, grade, report (`phi-reason eval`).
 
 The pieces are separable so they can be tested without a model:
   load_benchmark(name, path)                  -> problems [{id, problem, answer, subject, level}]
@@ -7,7 +7,8 @@ The pieces are separable so they can be tested without a model:
   summarize(problems, records)                -> numbers (metrics.py, pure)
   evaluate(...)                               -> all of the above plus files in `out`
 `generate_fn(questions, samples) -> [{"text", "num_tokens", "finish_reason"}]` (question-major,
-`samples` completions per question); `model_generate_fn` builds one from a checkpoint.
+`samples` completions per question); `phi_reason.jobs.eval.model_generate_fn` builds one from a
+checkpoint. This module imports neither JAX nor the model.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ import pathlib
 import re
 from dataclasses import dataclass
 
-from phi_reason.eval.extract import gold_answer, last_boxed
-from phi_reason.files import atomic_open, read_jsonl, write_jsonl
-from phi_reason.eval.metrics import summarize
+from ..errors import UsageError
+from ..files import atomic_open, read_jsonl, write_jsonl
+from .extract import gold_answer, last_boxed
+from .metrics import summarize
 
 REASONING_TEMPERATURE = 0.8   # defaults recommended for the Phi-4 reasoning models
 REASONING_TOP_P = 0.95
@@ -48,6 +50,10 @@ BENCHMARKS = {
     "olympiadbench": BenchmarkSpec(("question",), answer="final_answer", subject="subfield",
                                    id="id"),
 }
+
+
+class BenchmarkError(UsageError):
+    """A benchmark name or file that cannot be read: the message names the file and row."""
 
 
 def _read_rows(path: pathlib.Path) -> list[dict]:
@@ -82,32 +88,32 @@ def load_benchmark(name: str, path=None) -> list[dict]:
     """Problems of benchmark `name` from a local JSONL/Parquet file (or the Hugging Face hub when
     no path is given and `datasets` is installed)."""
     if name not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
+        raise BenchmarkError(f"unknown benchmark {name!r}; choose from {sorted(BENCHMARKS)}")
     spec = BENCHMARKS[name]
     if path is None:
         rows, where = _hub_rows(name, spec), spec.hf_dataset
     else:
         where = pathlib.Path(path)
         if not where.is_file():
-            raise FileNotFoundError(f"benchmark file {where} does not exist")
+            raise BenchmarkError(f"benchmark file {where} does not exist")
         rows = _read_rows(where)
     problems = []
     for index, row in enumerate(rows):
         key = next((k for k in spec.question if k in row), None)
         if key is None:
-            raise ValueError(f"{where}: row {index + 1}: none of the question keys "
+            raise BenchmarkError(f"{where}: row {index + 1}: none of the question keys "
                              f"{spec.question} present (keys: {sorted(row)})")
         if spec.answer_in_solution:
             if spec.answer_in_solution not in row:
-                raise ValueError(f"{where}: row {index + 1}: missing key "
+                raise BenchmarkError(f"{where}: row {index + 1}: missing key "
                                  f"{spec.answer_in_solution!r}")
             answer = last_boxed(str(row[spec.answer_in_solution]))
             if answer is None:
-                raise ValueError(f"{where}: row {index + 1}: no \\boxed{{}} answer in "
+                raise BenchmarkError(f"{where}: row {index + 1}: no \\boxed{{}} answer in "
                                  f"{spec.answer_in_solution!r}")
         else:
             if spec.answer not in row:
-                raise ValueError(f"{where}: row {index + 1}: missing key {spec.answer!r}")
+                raise BenchmarkError(f"{where}: row {index + 1}: missing key {spec.answer!r}")
             answer = _answer_text(row[spec.answer])
         problems.append({
             "id": str(row[spec.id]) if spec.id and spec.id in row else str(index),
@@ -127,10 +133,10 @@ def _hub_rows(name: str, spec: BenchmarkSpec) -> list[dict]:
     try:
         import datasets
     except ImportError:
-        raise ValueError(f"no --data file given for {name!r} and the `datasets` package is not "
+        raise BenchmarkError(f"no --data file given for {name!r} and the `datasets` package is not "
                          "installed: pass a local JSONL/Parquet file") from None
     if spec.hf_dataset is None:
-        raise ValueError(f"no Hugging Face dataset known for {name!r}: pass --data")
+        raise BenchmarkError(f"no Hugging Face dataset known for {name!r}: pass --data")
     config = "main" if name == "gsm8k" else None
     return list(datasets.load_dataset(spec.hf_dataset, config, split="test"))
 
@@ -180,60 +186,3 @@ def evaluate(problems: list[dict], generate_fn, samples: int, out, title: str,
                   default=str)
     write_report(summary, records, out, title, settings)
     return summary
-
-
-# --------------------------------------------------------------------------- the model path
-
-def guess_chat_format(model_path) -> str:
-    """Chat format from the checkpoint's directory name (pass --chat-format to override)."""
-    name = pathlib.Path(model_path).name.lower()
-    mini, reasoning = "mini" in name, "reason" in name
-    return {(True, True): "phi-4-mini-reasoning", (True, False): "phi-4-mini",
-            (False, True): "phi-4-reasoning", (False, False): "phi-4"}[(mini, reasoning)]
-
-
-def model_generate_fn(model, tokenizer=None, chat_format=None, temperature=REASONING_TEMPERATURE,
-                      top_p=REASONING_TOP_P, max_new_tokens=32768, seed=0):
-    """A generate_fn backed by a checkpoint, the chat format and the JAX sampler."""
-    from phi_reason.checkpoint import load_pretrained
-    from phi_reason.data.chat import render_prompt, stop_ids
-    from phi_reason.data.tokenizer import load_tokenizer
-    from phi_reason.generate.sampler import generate
-
-    fmt = chat_format or guess_chat_format(model)
-    tok = load_tokenizer(tokenizer or str(model))
-    cfg, params = load_pretrained(model)
-    stops = tuple(stop_ids(fmt, tok)) if fmt != "plain" else tuple(tok.eos_ids)
-
-    def generate_fn(questions, samples):
-        prompts = [render_prompt(q, tok, fmt) for q in questions for _ in range(samples)]
-        out = generate(params, cfg, prompts, max_new_tokens, temperature=temperature,
-                       top_p=top_p, stop_tokens=stops, seed=seed)
-        completions = []
-        for ids, reason in zip(out.tokens, out.finish_reasons):
-            body = ids[:-1] if ids and ids[-1] in stops and reason == "stop" else ids
-            completions.append({"text": tok.decode(body), "num_tokens": len(ids),
-                                "finish_reason": reason})
-        return completions
-
-    return generate_fn, fmt
-
-
-def main(model, benchmark, data=None, out="./eval_out", samples=1,
-         temperature=REASONING_TEMPERATURE, top_p=REASONING_TOP_P, max_new_tokens=32768,
-         chat_format=None, tokenizer=None, limit=None, seed=0) -> int:
-    problems = load_benchmark(benchmark, data)
-    if limit is not None:
-        problems = problems[:limit]
-    generate_fn, fmt = model_generate_fn(model, tokenizer, chat_format, temperature, top_p,
-                                         max_new_tokens, seed)
-    settings = {"model": model, "benchmark": benchmark, "chat format": fmt, "samples": samples,
-                "temperature": temperature, "top_p": top_p, "max new tokens": max_new_tokens,
-                "seed": seed}
-    summary = evaluate(problems, generate_fn, samples, out,
-                       title=f"{benchmark} — {pathlib.Path(model).name}", settings=settings)
-    k = summary["samples_per_problem"]
-    print(f"{benchmark}: pass@1 {100 * summary['pass@1']:.1f}%  maj@{k} "
-          f"{100 * summary[f'maj@{k}']:.1f}%  truncated {100 * summary['truncation_rate']:.1f}%  "
-          f"-> {pathlib.Path(out) / 'report.md'}")
-    return 0

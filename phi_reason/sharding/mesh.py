@@ -20,13 +20,14 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
+from ..errors import UsageError
 
 log = logging.getLogger(__name__)
 
 MESH_AXES: Tuple[str, ...] = ("data", "fsdp", "tensor")
 
 
-class MeshError(ValueError):
+class MeshError(UsageError):
     """A mesh that cannot be built or cannot shard a tensor; the message names the axis."""
 
 

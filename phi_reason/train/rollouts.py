@@ -44,14 +44,6 @@ class Group:
         return np.array([len(t) for t in self.tokens], dtype=np.int64)
 
 
-def strip_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list:
-    """The completion without the stop token that ended it (for decoding and grading)."""
-    tokens = list(tokens)
-    if tokens and tokens[-1] in set(stop_ids):
-        return tokens[:-1]
-    return tokens
-
-
 def score_groups(prompts: Sequence[Prompt], tokens, logprobs, finish_reasons, texts, correct,
                  group_size: int, reward_fn: Callable[[Completion], float]) -> list:
     """Per-row sampler outputs (prompt-major: rows i*G .. i*G+G-1 belong to prompt i) -> Groups."""

@@ -1,6 +1,6 @@
-"""RL prompt stream: a deterministic, resumable shuffle over problems, with prompt retirement.
+"""Prompts for rollouts (RL, Rollout DPO): loading them from a run config, and the RL prompt stream.
 
-Each epoch is a fresh permutation drawn from (seed, epoch), so the stream is reproducible and its
+The RL prompt stream (`PromptIterator`): each epoch is a fresh permutation drawn from (seed, epoch), so the stream is reproducible and its
 position is two integers. Prompts the policy has mastered (a whole group correct) can be
 *retired*: skipped in later epochs (Phi-4-mini-reasoning's prompt filtering drops all-correct
 prompts). `get_state()` / `set_state()` round-trip through JSON for checkpoints.
@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .rollouts import Prompt
+from ..train.rollouts import Prompt
 
 
 class PromptIterator:
@@ -100,3 +100,28 @@ def synthetic_prompts(spec: dict, tokenizer, fmt: str, max_prompt_tokens: int,
         held, _ = prompts_from_records(recs, [f"heldout:{i}" for i in range(len(recs))],
                                        tokenizer, fmt, max_prompt_tokens)
     return prompts, held
+
+
+def load_prompts(run, tokenizer, max_prompt_tokens: int, eval_problems: int = 0) -> tuple:
+    """(prompts, held-out prompts) for a rollout job: `data.train_files` (schema "rl": prompt +
+    answer; prompts longer than `max_prompt_tokens` are skipped, and counted on stderr) or
+    `data.synthetic` (held-out problems only there)."""
+    import sys
+
+    from ..config import RunConfigError
+
+    d = run.data
+    if d.train_files:
+        from ..data.sources import load_records
+        recs = load_records(d.train_files, d.schema or "rl", d.skip_bad_records)
+        prompts, skipped = prompts_from_records(recs.records, recs.where, tokenizer,
+                                                d.chat_format, max_prompt_tokens)
+        if skipped:
+            print(f"skipped {skipped} prompts longer than {max_prompt_tokens} tokens",
+                  file=sys.stderr)
+        return prompts, []
+    if d.synthetic is not None:
+        return synthetic_prompts(d.synthetic, tokenizer, d.chat_format, max_prompt_tokens,
+                                 eval_problems)
+    raise RunConfigError("data: set data.train_files (records with prompt + answer) or "
+                         "data.synthetic")

@@ -11,12 +11,14 @@ import json
 import sys
 from typing import List, Optional
 
+from ..data.tokenizer import completion_text
 from ..files import atomic_write_text, iter_jsonl
+from ..errors import UsageError
 
 NO_CHAT = (None, "", "none")
 
 
-class GenerateInputError(ValueError):
+class GenerateInputError(UsageError):
     """A bad --prompts file: the message names the file and line."""
 
 
@@ -59,22 +61,6 @@ def stop_tokens(cfg, tokenizer, chat_format: Optional[str]) -> tuple:
     return tuple(stop_ids(chat_format, tokenizer))
 
 
-def decodable(tokenizer, ids) -> List[int]:
-    """Ids the tokenizer can decode: a model's vocabulary may be padded beyond the tokenizer's
-    (the tiny preset has 512 ids, the char tokenizer 264); such ids are dropped with a warning."""
-    n = tokenizer.vocab_size
-    kept = [t for t in ids if 0 <= t < n]
-    if len(kept) != len(ids):
-        print(f"warning: dropped {len(ids) - len(kept)} generated id(s) outside the tokenizer's "
-              f"vocabulary [0, {n})", file=sys.stderr)
-    return kept
-
-
-def completion_text(tokenizer, ids, reason, stops) -> str:
-    ids = ids[:-1] if reason == "stop" and ids and ids[-1] in stops else ids
-    return tokenizer.decode(decodable(tokenizer, ids))
-
-
 class _Streamer:
     """Prints the decoded completion as tokens arrive (re-decoding the whole completion so that
     multi-byte characters split across tokens come out whole)."""
@@ -85,15 +71,15 @@ class _Streamer:
         self.printed = ""
 
     def __call__(self, _index, new_ids):
-        self.ids.extend(decodable(self.tokenizer, [t for t in new_ids if t not in self.stops]))
-        text = self.tokenizer.decode(self.ids)
+        self.ids.extend(t for t in new_ids if t not in self.stops)
+        text = completion_text(self.tokenizer, self.ids, ())
         if not text.endswith("\ufffd"):  # else an incomplete character: wait for its bytes
             self._emit(text)
 
     def finish(self):
         """Print what is still held back: bytes that never completed a character (a model can
         emit any byte sequence) come out as U+FFFD, as in the final decoded completion."""
-        self._emit(self.tokenizer.decode(self.ids))
+        self._emit(completion_text(self.tokenizer, self.ids, ()))
 
     def _emit(self, text):
         self.out.write(text[len(self.printed):])
@@ -103,12 +89,13 @@ class _Streamer:
 
 def main(model, prompt=None, prompts=None, output=None, chat_format=None, tokenizer=None,
          max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=0, batch_slots=8) -> int:
-    from ..checkpoint import load_pretrained
+    from ..checkpoint import detect_format, load_pretrained
     from ..data.tokenizer import load_tokenizer
-    from .sampler import generate
+    from ..engine.sampler import generate
 
     if (prompt is None) == (prompts is None):
         raise GenerateInputError("give exactly one of --prompt and --prompts")
+    detect_format(model)  # a missing or unreadable --model is named before anything loads
     records = [{"prompt": prompt}] if prompt is not None else read_prompt_file(prompts)
     tok = load_tokenizer(tokenizer or model)
     cfg, params = load_pretrained(model)
@@ -132,7 +119,7 @@ def main(model, prompt=None, prompts=None, output=None, chat_format=None, tokeni
     out = generate(params, cfg, ids, **kw)
     lines = []
     for rec, toks, lps, reason in zip(records, out.tokens, out.logprobs, out.finish_reasons):
-        result = dict(rec, completion=completion_text(tok, toks, reason, stops),
+        result = dict(rec, completion=completion_text(tok, toks, stops),
                       finish_reason=reason, num_tokens=len(toks), token_ids=toks,
                       logprob=float(sum(lps)))
         lines.append(json.dumps(result, ensure_ascii=False) + "\n")

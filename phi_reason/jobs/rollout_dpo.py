@@ -96,9 +96,11 @@ def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=No
     from ..data.chat import stop_ids as format_stop_ids
     from ..data.tokenizer import load_tokenizer
     from ..eval.pool import GraderPool
-    from ..generate.sampler import generate
-    from .loop import build_mesh, build_model
-    from .rl_loop import decode_completion, submit_grading
+    from ..data.tokenizer import completion_text
+    from ..engine.sampler import generate
+    from .build import build_mesh, build_model
+    from .prompts import load_prompts
+    from .rl_loop import submit_grading
 
     run.validate()
     r = run.rollout
@@ -114,7 +116,7 @@ def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=No
     cfg, params = model if model is not None else build_model(run, mesh)
     tok = tokenizer or load_tokenizer(run.data.tokenizer)
     if prompts is None:
-        prompts = _load_prompts(run, tok)
+        prompts = load_prompts(run, tok, r.max_prompt_tokens)[0]
     prompts = list(prompts)[: r.max_prompts]
     stops = format_stop_ids(run.data.chat_format, tok)
     dump_run_config(run, str(out.with_name(out.name + ".config.yaml")))
@@ -131,7 +133,7 @@ def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=No
                            max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                            top_p=r.top_p, top_k=r.top_k, stop_tokens=stops,
                            seed=r.seed * 1_000_003 + c0, num_slots=r.num_slots, mesh=mesh)
-            texts = [decode_completion(tok, t, stops) for t in gen.tokens]
+            texts = [completion_text(tok, t, stops) for t in gen.tokens]
             correct = submit_grading(pool, [(t, p.answer) for p, t in
                                             zip([p for p in chunk for _ in range(k)], texts)],
                                      "reward")()
@@ -163,21 +165,6 @@ def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=No
           f"({stats['correct']}/{stats['completions']} completions correct) -> {out}",
           file=sys.stderr)
     return stats
-
-
-def _load_prompts(run: RolloutDPOConfig, tokenizer) -> list:
-    from .rl_prompts import prompts_from_records, synthetic_prompts
-
-    d, r = run.data, run.rollout
-    if d.train_files:
-        from ..data.sources import load_records
-        recs = load_records(d.train_files, d.schema or "rl", d.skip_bad_records)
-        return prompts_from_records(recs.records, recs.where, tokenizer, d.chat_format,
-                                    r.max_prompt_tokens)[0]
-    if d.synthetic is not None:
-        return synthetic_prompts(d.synthetic, tokenizer, d.chat_format, r.max_prompt_tokens)[0]
-    raise RunConfigError("data: set data.train_files (records with prompt + answer) or "
-                         "data.synthetic")
 
 
 def run_rollout_dpo(config, overrides: Sequence[str] = (), resume: bool = False) -> int:

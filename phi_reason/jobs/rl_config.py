@@ -11,9 +11,9 @@ import dataclasses
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..config import RunConfig, RunConfigError, load_run_config
-from .advantages import ADVANTAGES, SCALE_MODES
-from .rewards import RewardSpec, make_reward_fn
-from .schedules import TemperatureSchedule
+from ..train.advantages import ADVANTAGES, SCALE_MODES
+from ..train.rewards import RewardSpec, make_reward_fn
+from ..train.schedules import TemperatureSchedule
 
 
 @dataclasses.dataclass

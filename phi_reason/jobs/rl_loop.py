@@ -1,4 +1,4 @@
-"""The RL loop (one RL step at a time; `rl.py` drives a whole run): rollout -> grade -> reward -> advantage -> filter -> policy-gradient updates.
+"""The RL loop (one RL step at a time; `rl.py` runs it through the trainer): rollout -> grade -> reward -> advantage -> filter -> policy-gradient updates.
 
 One RL step (`RLLoop.step`):
 1. draw prompts from the resumable `PromptIterator`; sample `group_size` completions each with the
@@ -34,15 +34,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model.decoder import forward
-from .advantages import GroupBuffer, compute_advantages, nonzero_variance_groups, pass_rate_keep
-from .losses import token_logprobs
-from .rewards import make_reward_fn
+from ..data.tokenizer import completion_text
+from ..train.advantages import (GroupBuffer, compute_advantages, nonzero_variance_groups,
+                                pass_rate_keep)
+from ..train.policy import fold_temperature, make_token_logprob_fn
+from ..train.rewards import make_reward_fn
+from ..train.rollouts import Group, Prompt, build_pg_batch, pad_length, score_groups
+from ..train.state import TrainState
+from ..train.steps import make_pg_step
+from .prompts import PromptIterator
 from .rl_config import RLRunConfig
-from .rl_prompts import PromptIterator
-from .rollouts import Group, Prompt, build_pg_batch, pad_length, score_groups, strip_stop
-from .state import TrainState
-from .steps import make_pg_step
 
 
 _COMPILED: dict = {}
@@ -56,33 +57,6 @@ def _cached(key, build):
     return _COMPILED[key]
 
 
-def make_token_logprob_fn(cfg, mesh=None) -> Callable:
-    """Jitted (params, batch) -> [B, T] log-prob of each token under params (aligned to tokens)."""
-    def fn(params, batch):
-        logits = forward(params, batch["tokens"], cfg, positions=batch["positions"],
-                         segment_ids=batch["segment_ids"])
-        return token_logprobs(logits, batch["tokens"])
-    return jax.jit(fn)
-
-
-def fold_temperature(params, temperature: float):
-    """Params whose logits are the originals divided by `temperature`: the final RMSNorm is linear
-    in its scale and the LM head is linear, so scaling `final_norm` by 1/T scales every logit by
-    1/T. Sampling these at temperature 1 is sampling the policy at T, and the sampler (whose
-    temperature is a compile-time constant) compiles once however the temperature is annealed.
-    The sampler's log-probs are then those of the tempered distribution."""
-    scale = jnp.asarray(1.0 / temperature, jnp.float32)
-    norm = params["final_norm"]
-    return dict(params, final_norm=(norm.astype(jnp.float32) * scale).astype(norm.dtype))
-
-
-def decode_completion(tokenizer, tokens, stop_ids) -> str:
-    """Response text without its stop token. Ids beyond the tokenizer's vocabulary (the model's
-    embedding table is often padded past it) carry no text and are dropped."""
-    vocab = tokenizer.vocab_size
-    return tokenizer.decode([t for t in strip_stop(tokens, stop_ids) if 0 <= t < vocab])
-
-
 def submit_grading(grader, pairs, mode: str) -> Callable[[], list]:
     """Queue (prediction, gold) pairs in the grader's worker pool now; the returned callable
     waits for the verdicts (list of bool). The caller does device work in between."""
@@ -94,12 +68,12 @@ def evaluate_policy(params, cfg, tokenizer, prompts: Sequence[Prompt], stop_ids,
                     max_new_tokens: int, samples: int = 1, temperature: float = 0.0,
                     seed: int = 12345, mode: str = "eval", num_slots=None, mesh=None) -> dict:
     """Accuracy of `samples` completions per prompt (greedy by default), graded in `mode`."""
-    from ..generate.sampler import generate
+    from ..engine.sampler import generate
 
     out = generate(params, cfg, [p.ids for p in prompts for _ in range(samples)],
                    max_new_tokens=max_new_tokens, temperature=temperature,
                    stop_tokens=tuple(stop_ids), seed=seed, num_slots=num_slots, mesh=mesh)
-    texts = [decode_completion(tokenizer, t, stop_ids) for t in out.tokens]
+    texts = [completion_text(tokenizer, t, stop_ids) for t in out.tokens]
     answers = [p.answer for p in prompts for _ in range(samples)]
     correct = np.asarray(submit_grading(grader, list(zip(texts, answers)), mode)())
     return {"eval/accuracy": float(correct.mean()),
@@ -116,7 +90,7 @@ class RLLoop:
 
     def __init__(self, config: RLRunConfig, model_cfg, params, tokenizer, prompts: Sequence[Prompt],
                  stop_ids: Sequence[int], grader, mesh=None, optimizer_steps: Optional[int] = None):
-        from .optim import make_optimizer
+        from ..train.optim import make_optimizer
 
         config.validate()
         if config.train.steps is None:  # the lr schedule's length: every update of the run
@@ -150,7 +124,7 @@ class RLLoop:
     # ------------------------------------------------------------------ rollouts
     def sample(self, prompts: Sequence[Prompt], temperature: float, seed: int, group_size: int,
                max_new_tokens: Optional[int] = None):
-        from ..generate.sampler import generate
+        from ..engine.sampler import generate
 
         rows = [p.ids for p in prompts for _ in range(group_size)]
         params = self.state.params
@@ -163,7 +137,7 @@ class RLLoop:
                         seed=seed, num_slots=self.num_slots, mesh=self.mesh)
 
     def decode(self, tokens) -> list:
-        return [decode_completion(self.tokenizer, t, self.stop_ids) for t in tokens]
+        return [completion_text(self.tokenizer, t, self.stop_ids) for t in tokens]
 
     def row_logprobs(self, params, prompt_rows, completions) -> list:
         """Per-row completion log-probs under params, in minibatches of train.batch_size rows

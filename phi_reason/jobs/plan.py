@@ -41,24 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src.ad_checkpoint import saved_residuals  # no public equivalent that returns values
 
+from ..hardware import GiB, accelerator
 from ..model import decoder
 from ..model.config import REMAT_POLICIES, ConfigError, ModelConfig
 from ..model.params import param_specs
 from ..model.rope import rope_tables
-from .mesh import MESH_AXES, MeshError, parse_mesh, resolve_axis_sizes
-from .rules import merge_rules, spec_for
+from ..sharding.mesh import MESH_AXES, MeshError, parse_mesh, resolve_axis_sizes
+from ..sharding.rules import merge_rules, spec_for
 
-GiB = 2 ** 30
-# Device memory in bytes (as the runtime reports it) and the attention path each one runs.
-ACCELERATORS = {
-    "h100": (81559 * 2 ** 20, "flash"),  # H100 80GB SXM/PCIe: nvidia-smi total
-    "h200": (143771 * 2 ** 20, "flash"),  # H200 141GB
-    "v5e": (16 * GiB, "flash"),
-    "v5p": (95 * GiB, "flash"),
-    "v6e": (32 * GiB, "flash"),
-}
-_ALIASES = {"tpu-v5e": "v5e", "v5litepod": "v5e", "tpu-v5p": "v5p", "tpu-v6e": "v6e",
-            "trillium": "v6e", "h100-80gb": "h100", "h200-141gb": "h200"}
 # Fraction of device memory a plan may use: the rest is left for XLA workspace (collectives,
 # convolution/matmul scratch), fragmentation and the runtime. On GPUs also set
 # XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (JAX reserves only 75% by default).
@@ -102,11 +92,11 @@ class MemoryPlan:
 def _accelerator(name: Optional[str]):
     if name is None:
         return None, None, "reference"
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key not in ACCELERATORS:
-        raise MeshError(f"unknown accelerator {name!r}; known: {sorted(ACCELERATORS)}")
-    capacity, attention = ACCELERATORS[key]
-    return key, capacity, attention
+    try:
+        acc = accelerator(name)
+    except ValueError as e:
+        raise MeshError(str(e)) from None
+    return acc.name, acc.memory_bytes, acc.attention
 
 
 def _local(dim: int, spec_entry, sizes) -> int:
@@ -320,7 +310,11 @@ def _load_model(model: str) -> ModelConfig:
 
     if model in PRESETS:
         return ModelConfig.preset(model)
-    return ModelConfig.from_hf(model)
+    try:
+        return ModelConfig.from_hf(model)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--model {model!r}: neither a preset ({', '.join(PRESETS)}) nor an "
+                          f"HF config.json / dir ({e})") from None
 
 
 def _gib(n: int) -> str:
@@ -361,18 +355,8 @@ def format_plan(plan: MemoryPlan) -> str:
 def main(model, mesh=None, devices=None, batch=1, seq=4096, remat="full", accelerator="h100",
          param_dtype="float32", compute_dtype="bfloat16", optimizer_dtype="float32",
          rollout_batch=0, json=False, logits_chunk=0) -> int:
-    """`phi-reason plan`: print the per-device plan (or a suggested mesh for --devices).
-    Returns 0, or 2 with a one-line error on stderr for a bad model / mesh / batch."""
-    try:
-        return _main(model, mesh, devices, batch, seq, remat, accelerator, param_dtype,
-                     compute_dtype, optimizer_dtype, rollout_batch, json, logits_chunk)
-    except (MeshError, ConfigError, FileNotFoundError) as e:
-        print(f"phi-reason plan: error: {e}", file=sys.stderr)
-        return 2
-
-
-def _main(model, mesh, devices, batch, seq, remat, accelerator, param_dtype, compute_dtype,
-          optimizer_dtype, rollout_batch, json, logits_chunk) -> int:
+    """`phi-reason plan`: print the per-device plan (or a suggested mesh for --devices). A bad
+    model / mesh / batch raises a UsageError (MeshError, ConfigError) naming it."""
     cfg = _load_model(model)
     kw = dict(remat=remat, accelerator=accelerator, param_dtype=param_dtype,
               compute_dtype=compute_dtype, optimizer_dtype=optimizer_dtype,
