@@ -65,7 +65,7 @@ def test_logical_axes_match_ranks():
     (dict(dtype="int8"), "dtype"),
     (dict(rope_scaling_type="dynamic"), "rope_scaling_type"),
     (dict(sliding_window=128), "sliding_window"),
-    (dict(original_max_position_embeddings=4096), "original_max_position_embeddings"),
+    (dict(original_max_position_embeddings=0), "original_max_position_embeddings"),
 ])
 def test_bad_config_names_field(kw, field):
     with pytest.raises(ConfigError, match=field):

@@ -10,6 +10,7 @@ import json
 import math
 import os
 from typing import Any, Mapping, Optional, Tuple
+from ..errors import UsageError
 
 PHI4_MINI_LONG_FACTOR = (
     1.0, 1.118320672, 1.250641126, 1.398617824, 1.564103225, 1.74916897, 1.956131817, 2.187582649,
@@ -24,9 +25,20 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_attn", "save_attn_out"
 ATTENTION_IMPLS = ("auto", "reference", "chunked", "causal_blocked", "cpu_flash", "gpu", "tpu")
 DTYPES = ("float32", "bfloat16", "float16")
 _LONGROPE_ALIASES = ("longrope", "su", "yarn")
+# ModelConfig field -> its key in a HF rope_scaling / rope_parameters dict
+_LONGROPE_FIELDS = {"rope_short_factor": "short_factor", "rope_long_factor": "long_factor",
+                    "rope_factor": "factor", "rope_attention_factor": "attention_factor"}
 
 
-class ConfigError(ValueError):
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class ConfigError(UsageError):
     """A bad model config value; the message names the field."""
 
 
@@ -47,6 +59,9 @@ class ModelConfig:
     rope_scaling_type: Optional[str] = None  # None or "longrope"
     rope_short_factor: Optional[Tuple[float, ...]] = None
     rope_long_factor: Optional[Tuple[float, ...]] = None
+    # LongRoPE only; None derives them from max/original position embeddings, as transformers does
+    rope_factor: Optional[float] = None
+    rope_attention_factor: Optional[float] = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     sliding_window: Optional[int] = None
@@ -70,24 +85,30 @@ class ModelConfig:
 
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
-                  "original_max_position_embeddings", "attention_chunk"):
+                  "attention_chunk"):
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            if not _is_int(v) or v <= 0:
                 bad(f, f"must be a positive integer, got {v!r}")
+        # Only LongRoPE reads it (transformers writes 4096 whatever the model), so its value is
+        # checked below only when LongRoPE is in use.
+        omax = self.original_max_position_embeddings
+        if not _is_int(omax):
+            bad("original_max_position_embeddings", f"must be an integer, got {omax!r}")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 bad("num_attention_heads", f"{self.num_attention_heads} heads do not divide "
                     f"hidden_size {self.hidden_size} (set head_dim explicitly)")
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if not isinstance(self.head_dim, int) or self.head_dim <= 0 or self.head_dim % 2:
-            bad("head_dim", f"must be a positive even integer, got {self.head_dim!r}")
+        if not _is_int(self.head_dim) or self.head_dim <= 0:
+            bad("head_dim", f"must be a positive integer, got {self.head_dim!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             bad("num_key_value_heads", f"{self.num_key_value_heads} must divide "
                 f"num_attention_heads {self.num_attention_heads}")
-        if not 0.0 < self.partial_rotary_factor <= 1.0:
-            bad("partial_rotary_factor", f"must be in (0, 1], got {self.partial_rotary_factor}")
-        if self.rotary_dim % 2:
-            bad("partial_rotary_factor", f"rotary_dim {self.rotary_dim} must be even")
+        # As transformers: 0 rotates nothing, and an odd rotary_dim rotates one dim more (the
+        # frequencies come in pairs); what is rotated must fit in the head.
+        if self.partial_rotary_factor < 0 or 2 * math.ceil(self.rotary_dim / 2) > self.head_dim:
+            bad("partial_rotary_factor", f"{self.partial_rotary_factor} gives rotary_dim "
+                f"{self.rotary_dim}, which does not fit in head_dim {self.head_dim}")
         if self.rope_theta <= 0:
             bad("rope_theta", f"must be positive, got {self.rope_theta}")
         if self.rms_norm_eps <= 0:
@@ -97,22 +118,33 @@ class ModelConfig:
                 bad("rope_scaling_type", f"only longrope (aliases su, yarn) is supported, "
                     f"got {self.rope_scaling_type!r}")
             object.__setattr__(self, "rope_scaling_type", "longrope")
+            # transformers checks rotary_dim // 2 factors but an odd rotary_dim needs one more
+            if self.rotary_dim % 2:
+                bad("partial_rotary_factor",
+                    f"rotary_dim {self.rotary_dim} must be even with longrope")
             for f in ("rope_short_factor", "rope_long_factor"):
                 v = getattr(self, f)
                 if v is None:
                     bad(f, "required when rope_scaling_type is longrope")
+                if not isinstance(v, (list, tuple)) or not all(_is_number(x) for x in v):
+                    bad(f, f"must be a list of numbers, got {v!r}")
                 v = tuple(float(x) for x in v)
                 object.__setattr__(self, f, v)
                 if len(v) != self.rotary_dim // 2:
                     bad(f, f"has length {len(v)}, expected rotary_dim/2 = {self.rotary_dim // 2}")
-                if any(x <= 0 for x in v):
-                    bad(f, "all factors must be positive")
-        elif self.rope_short_factor is not None or self.rope_long_factor is not None:
+                if 0.0 in v:  # an infinite frequency: NaN logits
+                    bad(f, "factors must be nonzero")
+            for f in ("rope_factor", "rope_attention_factor"):
+                v = getattr(self, f)
+                if v is not None and not _is_number(v):
+                    bad(f, f"must be a number, got {v!r}")
+            # omax may exceed max_position_embeddings: long factors then start past the max and
+            # the attention factor stays 1, as in transformers
+            if omax <= 0:
+                bad("original_max_position_embeddings",
+                    f"must be a positive integer with longrope, got {omax}")
+        elif any(getattr(self, f) is not None for f in _LONGROPE_FIELDS):
             bad("rope_scaling_type", "rope factors given but rope_scaling_type is None")
-        if self.original_max_position_embeddings > self.max_position_embeddings:
-            bad("original_max_position_embeddings",
-                f"{self.original_max_position_embeddings} exceeds max_position_embeddings "
-                f"{self.max_position_embeddings}")
         if self.sliding_window is not None and self.sliding_window < self.max_position_embeddings:
             bad("sliding_window", f"{self.sliding_window} < max_position_embeddings "
                 f"{self.max_position_embeddings}: sliding-window attention is not implemented "
@@ -138,10 +170,15 @@ class ModelConfig:
 
     @property
     def attention_factor(self) -> float:
-        """LongRoPE's cos/sin scale: sqrt(1 + ln(s)/ln(original_max)), s = max/original."""
+        """LongRoPE's cos/sin scale: rope_attention_factor if set, else
+        sqrt(1 + ln(s)/ln(original_max)) with s = rope_factor, or max/original if that is unset."""
         if self.rope_scaling_type != "longrope":
             return 1.0
-        s = self.max_position_embeddings / self.original_max_position_embeddings
+        if self.rope_attention_factor is not None:
+            return float(self.rope_attention_factor)
+        s = self.rope_factor
+        if s is None:
+            s = self.max_position_embeddings / self.original_max_position_embeddings
         if s <= 1.0:
             return 1.0
         return math.sqrt(1 + math.log(s) / math.log(self.original_max_position_embeddings))
@@ -191,9 +228,9 @@ class ModelConfig:
         archs = d.get("architectures")
         if archs and "Phi3ForCausalLM" not in archs:
             raise ConfigError(f"{where}: architectures {archs} do not include Phi3ForCausalLM")
-        rp = d.get("rope_parameters") or {}
-        rs = d.get("rope_scaling") or {}
-        scaling = rs if rs else rp
+        # As transformers: a non-empty rope_scaling (older files) replaces rope_parameters; keys
+        # missing from it come from the top level.
+        scaling = d.get("rope_scaling") or d.get("rope_parameters") or {}
         rtype = scaling.get("rope_type", scaling.get("type"))
         if rtype in (None, "default"):
             rtype = None
@@ -204,12 +241,13 @@ class ModelConfig:
             num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
             head_dim=d.get("head_dim"),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
-            rope_theta=float(rp.get("rope_theta", d.get("rope_theta", 10000.0))),
-            partial_rotary_factor=float(rp.get("partial_rotary_factor",
-                                               d.get("partial_rotary_factor", 1.0))),
+            rope_theta=float(scaling.get("rope_theta", d.get("rope_theta", 10000.0))),
+            partial_rotary_factor=float(scaling.get("partial_rotary_factor",
+                                                    d.get("partial_rotary_factor", 1.0))),
+            # transformers takes the top-level value (default 4096), even over one in rope_scaling
+            original_max_position_embeddings=d.get("original_max_position_embeddings", 4096),
             rope_scaling_type=rtype,
-            rope_short_factor=scaling.get("short_factor") if rtype else None,
-            rope_long_factor=scaling.get("long_factor") if rtype else None,
+            **{f: scaling.get(key) if rtype else None for f, key in _LONGROPE_FIELDS.items()},
             rms_norm_eps=d.get("rms_norm_eps", 1e-5),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             sliding_window=d.get("sliding_window"),
@@ -217,9 +255,6 @@ class ModelConfig:
             pad_token_id=d.get("pad_token_id"),
             initializer_range=d.get("initializer_range", 0.02),
         )
-        omax = d.get("original_max_position_embeddings") or scaling.get(
-            "original_max_position_embeddings") or kw["max_position_embeddings"]
-        kw["original_max_position_embeddings"] = omax
         kw.update(overrides)
         try:
             return cls(**kw)
@@ -253,6 +288,9 @@ class ModelConfig:
         if self.rope_scaling_type == "longrope":
             d["rope_scaling"] = {"type": "longrope", "short_factor": list(self.rope_short_factor),
                                  "long_factor": list(self.rope_long_factor)}
+            for f in ("rope_factor", "rope_attention_factor"):
+                if getattr(self, f) is not None:
+                    d["rope_scaling"][_LONGROPE_FIELDS[f]] = getattr(self, f)
         return d
 
     def to_json(self) -> str:
