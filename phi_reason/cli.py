@@ -86,8 +86,9 @@ def _add_generate(sub):
     g.add_argument("--prompt", help="a single prompt (streams to the terminal)")
     g.add_argument("--prompts", help="JSONL file with a 'prompt' (or 'messages') field per line")
     p.add_argument("--output", default=None, help="JSONL output for --prompts (default stdout)")
-    p.add_argument("--chat-format", default=None,
-                   help="phi-4 | phi-4-reasoning | phi-4-mini | phi-4-mini-reasoning | none")
+    from phi_reason.data.chat import FORMATS
+    p.add_argument("--chat-format", default=None, choices=[*FORMATS, "none"],
+                   help="the checkpoint's chat format (default: raw text, no template)")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model dir)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -127,8 +128,10 @@ def _add_eval(sub):
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=32768)
-    p.add_argument("--chat-format", default=None)
-    p.add_argument("--tokenizer", default=None)
+    from phi_reason.data.chat import FORMATS
+    p.add_argument("--chat-format", default=None, choices=list(FORMATS),
+                   help="default: guessed from the model directory's name")
+    p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model dir)")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=lambda a: _call("phi_reason.jobs.eval:main", **_kw(a)))

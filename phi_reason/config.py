@@ -28,6 +28,12 @@ class RunConfigError(UsageError):
     """A bad run config: the message names the file and the dotted key."""
 
 
+def check_registered(key: str, name, registry) -> None:
+    """`name` must be one of the registry's names (a dict's keys or a tuple of names)."""
+    if name not in registry:
+        raise RunConfigError(f"{key}: unknown {name!r}; registered: {', '.join(registry)}")
+
+
 # --------------------------------------------------------------------------- schema
 @dataclasses.dataclass
 class ModelSection:
@@ -48,6 +54,14 @@ class ModelSection:
                                             "attention_chunk") if getattr(self, k) is not None}
         kw["param_dtype"] = self.param_dtype
         return {**self.overrides, **kw}
+
+    def validate(self) -> None:
+        from .model.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
+        check_registered("model.param_dtype", self.param_dtype, DTYPES)
+        for key, registry in (("dtype", DTYPES), ("remat", REMAT_POLICIES),
+                              ("attention", ATTENTION_IMPLS)):
+            if getattr(self, key) is not None:
+                check_registered(f"model.{key}", getattr(self, key), registry)
 
     def build(self) -> ModelConfig:
         """The ModelConfig for a preset (for `path`, the checkpoint's own config is read by the
@@ -138,8 +152,13 @@ class TrainSection:
             bad("steps", f"must be positive, got {self.steps}")
         if self.logits_chunk < 0:
             bad("logits_chunk", f"must be >= 0 (0: no chunking), got {self.logits_chunk}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            bad("schedule", f"must be cosine, linear or constant, got {self.schedule!r}")
+        from .train.losses import DPO_LOSSES, PG_LOSSES, SFT_LOSSES
+        from .train.optim import LR_SCHEDULES
+        for key, name, registry in (("loss", self.loss, SFT_LOSSES),
+                                    ("schedule", self.schedule, LR_SCHEDULES),
+                                    ("dpo.loss_type", self.dpo.loss_type, DPO_LOSSES),
+                                    ("pg.loss_type", self.pg.loss_type, PG_LOSSES)):
+            check_registered(f"{where}.{key}", name, registry)
         if self.on_nonfinite not in ("stop", "skip"):
             bad("on_nonfinite", f"must be stop or skip, got {self.on_nonfinite!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -314,11 +333,13 @@ def load_run_config(path: Optional[str] = None, overrides: Sequence[str] = (), s
         key, value = parse_override(text)
         _set_dotted(tree, key, value, schema, f"{where} (override {text!r})")
     cfg = _build(schema, tree, "", where)
-    if hasattr(cfg, "train"):
-        try:
+    try:
+        if hasattr(cfg, "model"):
+            cfg.model.validate()
+        if hasattr(cfg, "train"):
             cfg.train.validate()
-        except RunConfigError as e:
-            raise RunConfigError(f"{where}: {e}") from None
+    except RunConfigError as e:
+        raise RunConfigError(f"{where}: {e}") from None
     return cfg
 
 

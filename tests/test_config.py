@@ -51,7 +51,7 @@ def test_bad_values_name_the_key(tmp_path):
         load_run_config(None, ["data.packed=3"])
     with pytest.raises(RunConfigError, match=r"micro_batch_size: 3 must .* divide batch_size 8"):
         load_run_config(None, ["train.batch_size=8", "train.micro_batch_size=3"])
-    with pytest.raises(RunConfigError, match=r"train.schedule: must be cosine, linear or constant"):
+    with pytest.raises(RunConfigError, match=r"train.schedule: unknown .exp.; registered: cosine"):
         load_run_config(None, ["train.schedule=exp"])
     with pytest.raises(RunConfigError, match=r"expected KEY=VALUE"):
         load_run_config(None, ["train.lr"])
@@ -95,3 +95,17 @@ def test_cli_reports_config_errors_in_one_line(command, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "unknown key 'train.lrr'; did you mean 'train.lr'?" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, key, registered", [
+    ("train.loss=xe", "train.loss", "ce"),
+    ("train.schedule=step", "train.schedule", "cosine, linear, constant"),
+    ("train.dpo.loss_type=kto", "train.dpo.loss_type", "sigmoid, ipo, hinge, robust"),
+    ("train.pg.loss_type=ppo", "train.pg.loss_type", "grpo, dr_grpo, dapo, gspo"),
+    ("model.remat=sometimes", "model.remat", "none, full, save_dots"),
+    ("model.attention=flash9", "model.attention", "reference, chunked"),
+    ("model.dtype=int8", "model.dtype", "float32, bfloat16"),
+])
+def test_unknown_registered_names_fail_at_load_listing_the_registry(override, key, registered):
+    with pytest.raises(RunConfigError, match=f"{key}: unknown .*; registered: .*{registered}"):
+        load_run_config(str(CONFIGS / "tiny_sft.yaml"), [override])

@@ -8,22 +8,25 @@ from ..model.config import ModelConfig
 from ..model.params import param_specs, unflatten_params
 
 
+# The decay after warm-up, by `train.schedule` name: (peak, min_lr_ratio, steps) -> optax schedule.
+LR_SCHEDULES = {
+    "cosine": lambda peak, ratio, n: optax.cosine_decay_schedule(peak, n, alpha=ratio),
+    "linear": lambda peak, ratio, n: optax.linear_schedule(peak, peak * ratio, n),
+    "constant": lambda peak, ratio, n: optax.constant_schedule(peak),
+}
+
+
 def learning_rate_schedule(train_cfg, total_steps: int):
     """Linear warm-up from 0 to `lr`, then cosine / linear decay to `lr * min_lr_ratio` at
     `total_steps`, or constant."""
     peak = train_cfg.lr
     warmup = train_cfg.warmup_steps or int(round(train_cfg.warmup_ratio * total_steps))
     warmup = min(warmup, max(total_steps - 1, 0))
-    end = peak * train_cfg.min_lr_ratio
     decay_steps = max(total_steps - warmup, 1)
-    if train_cfg.schedule == "cosine":
-        after = optax.cosine_decay_schedule(peak, decay_steps, alpha=train_cfg.min_lr_ratio)
-    elif train_cfg.schedule == "linear":
-        after = optax.linear_schedule(peak, end, decay_steps)
-    elif train_cfg.schedule == "constant":
-        after = optax.constant_schedule(peak)
-    else:
-        raise ValueError(f"train.schedule: unknown schedule {train_cfg.schedule!r}")
+    if train_cfg.schedule not in LR_SCHEDULES:
+        raise ValueError(f"train.schedule: unknown schedule {train_cfg.schedule!r}; registered: "
+                         f"{', '.join(LR_SCHEDULES)}")
+    after = LR_SCHEDULES[train_cfg.schedule](peak, train_cfg.min_lr_ratio, decay_steps)
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
