@@ -32,7 +32,7 @@ def load_pretrained(path, dtype=None, mesh=None, rules=None,
     """(cfg, params) from an HF or Orbax checkpoint directory.
 
     Leaves are jax Arrays: placed by `shardings` (a NamedSharding pytree shaped like params)
-    or, given `mesh`, by `phi_reason.sharding.rules.param_shardings(cfg, mesh, rules)`;
+    or, given `mesh`, by `phi_reason.model.sharded.param_shardings(cfg, mesh, rules)`;
     otherwise on the default device. Only one leaf at a time is held in host memory.
     `cfg.param_dtype` reports the dtype of the loaded weights.
     """
@@ -78,7 +78,7 @@ def _orbax_cfg(path):
 
 def _flat_shardings(cfg, mesh, rules, shardings):
     if shardings is None and mesh is not None:
-        from ..sharding.rules import param_shardings
+        from ..model.sharded import param_shardings
         shardings = param_shardings(cfg, mesh, rules)
     if shardings is None:
         return None

@@ -219,7 +219,7 @@ def _place_params(params, cfg: ModelConfig, mesh):
     embed over fsdp)."""
     from jax.sharding import NamedSharding
 
-    from ..sharding.rules import param_shardings
+    from ..model.sharded import param_shardings
 
     leaves = jax.tree_util.tree_leaves(params)
     if all(isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh

@@ -41,7 +41,7 @@ def build_model(run: RunConfig, mesh=None):
     cfg = m.build()
     key = jax.random.PRNGKey(m.init_seed)
     if mesh is not None:
-        from ..sharding.init import sharded_init
+        from ..model.sharded import sharded_init
         return cfg, sharded_init(cfg, key, mesh)
     return cfg, init_params(cfg, key)
 
@@ -133,7 +133,7 @@ def new_train_state(cfg, train_cfg, params, mesh, ref_params=None):
     if mesh is None:
         return TrainState.create(params, optimizer, train_cfg.seed, ref_params)
     from ..sharding.init import sharded_opt_init
-    from ..sharding.rules import param_shardings
+    from ..model.sharded import param_shardings
     opt_state = sharded_opt_init(optimizer, params, param_shardings(cfg, mesh), mesh)
     return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
                       rng=jax.random.PRNGKey(train_cfg.seed), ref_params=ref_params)

@@ -1,8 +1,5 @@
-"""Sharded parameter creation and jitted, sharded, donating step functions.
-
-Nothing here materialises a whole parameter on one device: `sharded_init` runs `init_params`
-under `jax.jit` with `out_shardings`, so each device computes only its own shards.
-"""
+"""Sharded optimizer state and jitted, sharded, donating step functions (model-free: they take
+parameter pytrees and their shardings; `phi_reason.model.sharded` derives those for the model)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -11,20 +8,7 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from ..model.config import ModelConfig
-from ..model.params import init_params
-from .rules import param_shardings, replicated
-
-
-def sharded_init_fn(cfg: ModelConfig, mesh: Mesh, rules=None, dtype=None):
-    """The jitted `key -> params` that `sharded_init` runs (each device computes its shards)."""
-    shardings = param_shardings(cfg, mesh, rules)
-    return jax.jit(lambda k: init_params(cfg, k, dtype), out_shardings=shardings)
-
-
-def sharded_init(cfg: ModelConfig, key: jax.Array, mesh: Mesh, rules=None, dtype=None) -> dict:
-    """`init_params(cfg, key, dtype)` created directly in its NamedShardings on `mesh`."""
-    return sharded_init_fn(cfg, mesh, rules, dtype)(key)
+from .rules import replicated
 
 
 def opt_state_shardings(optimizer: optax.GradientTransformation, params_abstract,

@@ -24,8 +24,6 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ..model.config import ModelConfig
-from ..model.params import param_specs, unflatten_params
 from .mesh import MESH_AXES, MeshError
 
 log = logging.getLogger(__name__)
@@ -113,20 +111,6 @@ def spec_for(axes: Sequence[str], shape: Sequence[int], mesh, rules=None,
         used.update(mesh_axes)
         out.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return P(*out)
-
-
-def param_partition_specs(cfg: ModelConfig, mesh, rules=None) -> dict:
-    """Pytree (params structure) of PartitionSpecs derived from `param_specs(cfg)`."""
-    return unflatten_params({
-        path: spec_for(s.axes, s.shape, mesh, rules, name="/".join(path))
-        for path, s in param_specs(cfg).items()})
-
-
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules=None) -> dict:
-    """Pytree of NamedSharding with the same structure as the params."""
-    return jax.tree_util.tree_map(lambda spec: NamedSharding(mesh, spec),
-                                  param_partition_specs(cfg, mesh, rules),
-                                  is_leaf=lambda x: isinstance(x, P))
 
 
 def check_batch_size(batch_size: int, mesh, rules=None) -> None:

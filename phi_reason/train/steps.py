@@ -218,7 +218,8 @@ def state_shardings(state: TrainState, cfg: ModelConfig, mesh, optimizer):
     """Shardings for a TrainState: params (and ref params) by their logical axes, optimizer
     leaves that mirror a parameter (AdamW mu / nu) like that parameter, the rest replicated."""
     from ..sharding.init import opt_state_shardings
-    from ..sharding.rules import param_shardings, replicated
+    from ..model.sharded import param_shardings
+    from ..sharding.rules import replicated
 
     param_sh = param_shardings(cfg, mesh)
     opt_sh = opt_state_shardings(optimizer, state.params, param_sh, mesh)
