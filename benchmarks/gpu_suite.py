@@ -16,7 +16,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 
 # Latency-hiding scheduler: overlaps the (few) async copies with compute; harmless on one GPU.
 GPU_XLA_FLAGS = "--xla_gpu_enable_latency_hiding_scheduler=true"
@@ -29,12 +28,12 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from phi_reason.files import atomic_open  # noqa: E402
 from phi_reason.model import attention_kernels  # noqa: E402
 from phi_reason.model.attention import chunked_attention, reference_attention  # noqa: E402
 from phi_reason.model.config import ModelConfig  # noqa: E402
 from phi_reason.model.kv_cache import decode_step, init_cache, split_layers  # noqa: E402
-from phi_reason.model.params import abstract_params, init_params, param_count  # noqa: E402
-from phi_reason.files import atomic_open  # noqa: E402
+from phi_reason.model.params import init_params, param_count  # noqa: E402
 from phi_reason.train.token_stats import model_token_stats  # noqa: E402
 
 # (dense bf16 FLOP/s, HBM bytes/s) by device-kind substring, from vendor data sheets.

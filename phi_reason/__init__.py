@@ -1,7 +1,8 @@
 """phi-reason: JAX-native post-training for Microsoft's Phi-4 reasoning models.
 
 The public API (documented in README): model config and parameters, the forward pass, checkpoints,
-generation, tokenizers and chat formats, and the grader. Everything but the config is imported lazily, so
+generation, tokenizers and chat formats, and the grader. Everything but the config is imported
+lazily, so
 `import phi_reason` (e.g. in grader worker processes) does not pull in JAX.
 """
 from .model.config import ConfigError, ModelConfig

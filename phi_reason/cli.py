@@ -36,9 +36,11 @@ def _overrides(p):
 
 # ---------------------------------------------------------------- demo (issue 10)
 def _add_demo(sub):
-    p = sub.add_parser("demo", help="the four-stage Phi-4-mini-reasoning recipe at toy scale on CPU",
+    p = sub.add_parser("demo",
+                       help="the four-stage Phi-4-mini-reasoning recipe at toy scale on CPU",
                        description="Train a tiny Phi-architecture model from scratch on synthetic "
-                       "verifiable math: base -> mid-training (packed) -> SFT -> Rollout DPO -> RL, "
+                       "verifiable math: base -> mid-training (packed) -> SFT -> Rollout DPO -> "
+                       "RL, "
                        "reporting held-out accuracy after each stage. With --model, run a few "
                        "MATH-500 problems through a real checkpoint instead.")
     p.add_argument("--out", default="./demo_out", help="output directory (default ./demo_out)")

@@ -19,9 +19,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from .errors import UsageError
 from .files import atomic_open
 from .model.config import ModelConfig
-from .errors import UsageError
 
 
 class RunConfigError(UsageError):
@@ -277,7 +277,6 @@ def _set_dotted(tree: dict, dotted: str, value, schema, where: str) -> None:
     parts = dotted.split(".")
     node, cls = tree, schema
     for i, part in enumerate(parts):
-        key = ".".join(parts[: i + 1])
         fields = {f.name: f for f in dataclasses.fields(cls)} if cls is not None else None
         if fields is not None and part not in fields:
             raise _unknown_key(".".join(parts[:i]), part, list(fields), where)

@@ -5,7 +5,8 @@ A tiny Phi-architecture model (char tokenizer) is trained from scratch on synthe
   base (random init) -> mid-training (packed) -> SFT (unpacked) -> Rollout DPO -> RL (GRPO)
 
 Each stage is an ordinary run of the project's commands: the demo writes the data as JSONL and each
-stage's run config as YAML under `<out>/configs/`, then calls the same functions as `phi-reason sft`,
+stage's run config as YAML under `<out>/configs/`, then calls the same functions as
+`phi-reason sft`,
 `rollout-dpo`, `dpo` and `rl` with those files; every stage starts from the previous stage's
 exported Orbax weights (`<out>/<stage>/final`). After each stage the model is evaluated greedily on
 held-out problems with the sampler and the sandboxed grader. The demo only chooses sizes
@@ -120,8 +121,8 @@ class Evaluator:
     """Greedy held-out accuracy and mean response length of a saved model."""
 
     def __init__(self, heldout_file: Path, max_new_tokens: int, pool):
-        from .data.tokenizer import load_tokenizer
         from .data.sources import load_records
+        from .data.tokenizer import load_tokenizer
         from .jobs.prompts import prompts_from_records
 
         self.tok = load_tokenizer("char")

@@ -1,8 +1,8 @@
 """The one table of accelerator peaks: dense bf16 FLOP/s, HBM bytes/s and device memory.
 
 Used by the memory planner (`phi-reason plan --accelerator`), the trainer's MFU estimate and the GPU
-benchmark suite. Figures are vendor data-sheet peaks (dense, no sparsity); memory is what the runtime
-reports for the device (nvidia-smi's total on GPUs).
+benchmark suite. Figures are vendor data-sheet peaks (dense, no sparsity); memory is what the
+runtime reports for the device (nvidia-smi's total on GPUs).
 """
 from __future__ import annotations
 

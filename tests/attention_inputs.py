@@ -1,7 +1,6 @@
 """Shared inputs for the attention tests: packed GQA rows (3 segments + padding)."""
-import numpy as np
-
 import jax.numpy as jnp
+import numpy as np
 
 
 def packed_segments(t: int) -> np.ndarray:

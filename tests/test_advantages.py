@@ -3,7 +3,11 @@ import numpy as np
 import pytest
 
 from phi_reason.train.advantages import (
-    GroupBuffer, compute_advantages, nonzero_variance_groups, pass_rate_keep)
+    GroupBuffer,
+    compute_advantages,
+    nonzero_variance_groups,
+    pass_rate_keep,
+)
 from phi_reason.train.schedules import TemperatureSchedule
 
 

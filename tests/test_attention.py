@@ -1,16 +1,20 @@
 """XLA attention paths: `reference` against a numpy formula written here, and `chunked` /
 `causal_blocked` against `reference`, forward and gradient, on packed GQA rows; plus packing
 exactness through the decoder on every CPU-runnable path."""
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
-
+import numpy as np
+import pytest
 from attention_inputs import numpy_attention, packed_segments, qkv
+
 from phi_reason.model import attention_kernels
-from phi_reason.model.attention import (attention, causal_blocked_attention, chunked_attention,
-                                        reference_attention, resolve_impl)
+from phi_reason.model.attention import (
+    attention,
+    causal_blocked_attention,
+    chunked_attention,
+    reference_attention,
+    resolve_impl,
+)
 from phi_reason.model.config import ModelConfig
 from phi_reason.model.decoder import forward
 from phi_reason.model.params import init_params

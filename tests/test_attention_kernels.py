@@ -1,13 +1,12 @@
 """GPU (Pallas Triton + cuDNN dispatch) and TPU (splash) attention paths vs `reference_attention`,
 forward and gradient, run on CPU in the Pallas interpreter. Inputs are packed GQA rows: three
 sequences and padding in one row, a single sequence in the other."""
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
-
+import numpy as np
+import pytest
 from attention_inputs import packed_segments, qkv
+
 from phi_reason.model import attention_kernels as ak
 from phi_reason.model.attention import attention, reference_attention
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from checkpoint_fixtures import FAMILIES, hf_logits, hf_tensors, make_hf_model, same_bits
 from jax.sharding import NamedSharding, PartitionSpec
 
-from checkpoint_fixtures import FAMILIES, hf_logits, hf_tensors, make_hf_model, same_bits
 from phi_reason.checkpoint import load_pretrained, read_hf_params, restore_orbax, save_pretrained
 from phi_reason.checkpoint.common import parse_size
 from phi_reason.checkpoint.convert import hf_to_orbax, orbax_to_hf

@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from checkpoint_fixtures import FAMILIES, hf_tensors, make_hf_model
 from safetensors.torch import load_file, save_file
 
-from checkpoint_fixtures import FAMILIES, hf_tensors, make_hf_model
 from phi_reason import cli
 from phi_reason.checkpoint import CheckpointError, save_pretrained
 from phi_reason.checkpoint.convert import hf_to_orbax, orbax_to_hf

@@ -8,13 +8,17 @@ import weakref
 
 import numpy as np
 import pytest
-
 from checkpoint_fixtures import FAMILIES, hf_tensors, make_hf_model, same_bits
+
 from phi_reason.checkpoint import layout
 from phi_reason.checkpoint.convert import hf_to_orbax, orbax_to_hf
 from phi_reason.checkpoint.hf import HFCheckpoint
-from phi_reason.checkpoint.orbax_io import (find_step_dir, iter_orbax_leaves, read_orbax_config,
-                                            save_orbax)
+from phi_reason.checkpoint.orbax_io import (
+    find_step_dir,
+    iter_orbax_leaves,
+    read_orbax_config,
+    save_orbax,
+)
 from phi_reason.model.params import param_specs
 
 
@@ -101,6 +105,7 @@ def test_orbax_save_defers_fsync_to_publish_and_restores_orbax():
     """During a save TensorStore's per-file fsync is off (the output is fsynced once before it
     is renamed into place); outside it, and after an error inside it, Orbax is untouched."""
     from orbax.checkpoint._src.serialization import tensorstore_utils
+
     from phi_reason.checkpoint import orbax_io
 
     def file_io_sync():

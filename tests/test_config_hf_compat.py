@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_reference import hf_logits, params_from_hf, random_hf_model
 from transformers import Phi3Config, Phi3ForCausalLM
 
 from phi_reason import ConfigError, ModelConfig, forward
-
-from hf_reference import hf_logits, params_from_hf, random_hf_model
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,

@@ -7,13 +7,12 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
-
+import numpy as np
+import pytest
 from attention_inputs import numpy_attention, packed_segments, qkv
+
 from phi_reason.model import cpu_flash
 from phi_reason.model.attention import attention, reference_attention, resolve_impl
 
@@ -120,6 +119,7 @@ def test_save_dots_attn_keeps_the_kernel_residuals():
     import io
 
     from jax.ad_checkpoint import print_saved_residuals
+
     from phi_reason.model.decoder import remat_policy
 
     q, k, v = qkv(64)

@@ -7,12 +7,19 @@ import pathlib
 import re
 
 import pytest
-
-from phi_reason.data.chat import (PHI4_MINI_REASONING_SYSTEM, PHI4_REASONING_SYSTEM, ChatFormatError,
-                                  render_completion, render_conversation, render_prompt, stop_ids,
-                                  system_prompt_from_template)
-from phi_reason.data.tokenizer import CharTokenizer, HFTokenizer, Phi4Tokenizer
 from byte_tokenizer import byte_level_tokenizer
+
+from phi_reason.data.chat import (
+    PHI4_MINI_REASONING_SYSTEM,
+    PHI4_REASONING_SYSTEM,
+    ChatFormatError,
+    render_completion,
+    render_conversation,
+    render_prompt,
+    stop_ids,
+    system_prompt_from_template,
+)
+from phi_reason.data.tokenizer import CharTokenizer, HFTokenizer, Phi4Tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},

@@ -5,8 +5,13 @@ import pathlib
 
 import pytest
 
-from phi_reason.data.tokenizer import (CharTokenizer, Phi4Tokenizer, TokenizerError, load_tokenizer,
-                                       phi4_special_tokens)
+from phi_reason.data.tokenizer import (
+    CharTokenizer,
+    Phi4Tokenizer,
+    TokenizerError,
+    load_tokenizer,
+    phi4_special_tokens,
+)
 
 TEXTS = ["Hello world", "The answer is $\\boxed{\\frac{1}{2}}$.\n\nDone!", "  spaces\tand\ttabs  ",
          "日本語のテキスト and émojis 🙂", "x^2 + 2x + 1 = (x+1)^2", ""]

@@ -5,11 +5,11 @@ import json
 
 import jax
 import pytest
+from byte_tokenizer import byte_level_tokenizer
 
 from phi_reason import ModelConfig, init_params
 from phi_reason.checkpoint import save_pretrained
 from phi_reason.demo_real import run_real_model
-from byte_tokenizer import byte_level_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<think>",
             "</think>"]

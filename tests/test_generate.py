@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from hf_reference import TINY_SHAPES
+
+from phi_reason.engine.sampler import generate
 from phi_reason.model.decoder import forward
 from phi_reason.model.params import init_params
-from phi_reason.engine.sampler import generate
 
 CFG = TINY_SHAPES["phi-4-mini-like"].replace(initializer_range=0.2)  # LongRoPE, original_max 64
 OMAX = CFG.original_max_position_embeddings

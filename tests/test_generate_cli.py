@@ -10,9 +10,9 @@ import pytest
 from phi_reason import cli
 from phi_reason.checkpoint import save_pretrained
 from phi_reason.data.tokenizer import load_tokenizer
+from phi_reason.engine.sampler import generate
 from phi_reason.jobs import generate as generate_job
 from phi_reason.jobs.generate import GenerateInputError
-from phi_reason.engine.sampler import generate
 from phi_reason.model.config import ModelConfig
 from phi_reason.model.params import init_params
 

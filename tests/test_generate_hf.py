@@ -9,8 +9,8 @@ or start above it (70), exercising the re-prefill policy documented in generate/
 import numpy as np
 import pytest
 import torch
-
 from hf_reference import TINY_SHAPES, params_from_hf, random_hf_model
+
 from phi_reason.engine.sampler import generate
 
 NEW_TOKENS = 64

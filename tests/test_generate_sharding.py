@@ -7,8 +7,8 @@ crosses the LongRoPE threshold (re-prefill on the mesh) and one that starts abov
 import jax
 import numpy as np
 import pytest
-
 from hf_reference import TINY_SHAPES
+
 from phi_reason.engine.sampler import generate
 from phi_reason.model.params import init_params
 from phi_reason.sharding.mesh import make_mesh

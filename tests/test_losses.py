@@ -1,8 +1,8 @@
 """Every loss against an independent numpy implementation written here, on random inputs with
 masks, packing boundaries and clipping active; micro-batch sums equal the full batch."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
 
 from phi_reason.train import losses as L
 

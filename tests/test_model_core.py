@@ -5,14 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import TINY_SHAPES
 from transformers import Phi3Config
 
 from phi_reason import ConfigError, ModelConfig, forward, init_params, param_count
 from phi_reason.model.config import PHI4_MINI_LONG_FACTOR, REMAT_POLICIES
 from phi_reason.model.decoder import positions_from_segments
 from phi_reason.model.params import abstract_params, logical_axes
-
-from hf_reference import TINY_SHAPES
 
 
 # ------------------------------------------------------------------ presets and counts

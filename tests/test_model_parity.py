@@ -3,11 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_reference import TINY_SHAPES, hf_logits, params_from_hf, random_hf_model
 
 from phi_reason import forward
 from phi_reason.model.params import param_specs
-
-from hf_reference import TINY_SHAPES, hf_logits, params_from_hf, random_hf_model
 
 
 @pytest.fixture(scope="module", params=sorted(TINY_SHAPES))

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import pytest
 
 from phi_reason import cli
+from phi_reason.jobs import plan as planner
 from phi_reason.model.config import ModelConfig
 from phi_reason.model.decoder import forward
 from phi_reason.model.params import abstract_params
-from phi_reason.jobs import plan as planner
 from phi_reason.sharding.mesh import MeshError
 
 PHI4 = ModelConfig.preset("phi-4")

@@ -4,8 +4,15 @@ import math
 import pytest
 
 from phi_reason.train.rewards import (
-    PHI4_PLUS_REWARDS, REWARDS, Completion, RewardSpec, make_reward_fn, repetition_penalty,
-    soft_overlong_penalty, think_block_ok)
+    PHI4_PLUS_REWARDS,
+    REWARDS,
+    Completion,
+    RewardSpec,
+    make_reward_fn,
+    repetition_penalty,
+    soft_overlong_penalty,
+    think_block_ok,
+)
 
 GOOD = "<think>reasoning</think> so \\boxed{4}"
 

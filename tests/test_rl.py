@@ -18,13 +18,13 @@ from phi_reason.config import TrainSection
 from phi_reason.data.chat import render_conversation, render_prompt, stop_ids
 from phi_reason.data.tokenizer import CharTokenizer
 from phi_reason.eval.pool import GraderPool
+from phi_reason.jobs.rl import train_rl
+from phi_reason.jobs.rl_config import load_rl_config
+from phi_reason.jobs.rl_loop import RLLoop, evaluate_policy
 from phi_reason.model.config import ModelConfig
 from phi_reason.model.params import init_params
 from phi_reason.train.advantages import nonzero_variance_groups
 from phi_reason.train.optim import make_optimizer
-from phi_reason.jobs.rl import train_rl
-from phi_reason.jobs.rl_loop import RLLoop, evaluate_policy
-from phi_reason.jobs.rl_config import load_rl_config
 from phi_reason.train.rollouts import Prompt
 from phi_reason.train.state import TrainState
 from phi_reason.train.steps import make_sft_step

@@ -2,8 +2,14 @@
 import jax
 import pytest
 
-from phi_reason.sharding.mesh import (MeshError, _slurm_first_host, distributed_args, make_mesh,
-                                      mesh_from_config, parse_mesh)
+from phi_reason.sharding.mesh import (
+    MeshError,
+    _slurm_first_host,
+    distributed_args,
+    make_mesh,
+    mesh_from_config,
+    parse_mesh,
+)
 
 SLURM = {"SLURM_JOB_ID": "123456", "SLURM_NTASKS": "8", "SLURM_PROCID": "3",
          "SLURM_LOCALID": "0", "SLURM_STEP_NODELIST": "gpu[017-020,031],login1",

@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train_steps import CFG, B, dpo_batch, fresh_state, leaves_close, rows, train_cfg
 
 from phi_reason.model.params import init_params
 from phi_reason.train.losses import token_stats
 from phi_reason.train.steps import make_pg_step, make_sft_step
 from phi_reason.train.token_stats import model_token_stats
-from test_train_steps import B, CFG, dpo_batch, fresh_state, leaves_close, rows, train_cfg
 
 
 @pytest.fixture(scope="module")

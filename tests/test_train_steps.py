@@ -228,10 +228,10 @@ def test_pg_step_accumulates_with_global_token_normaliser():
 @pytest.mark.skipif(importlib.util.find_spec("phi_reason.sharding.rules") is None,
                     reason="sharding module not present")
 def test_sharded_step_matches_single_device(sft_steps):
+    from phi_reason.jobs.build import place_batch
     from phi_reason.model.sharded import param_shardings, sharded_init
     from phi_reason.sharding.init import sharded_opt_init
     from phi_reason.sharding.mesh import make_mesh
-    from phi_reason.jobs.build import place_batch
 
     mesh = make_mesh(data=1, fsdp=2, tensor=2, devices=jax.devices()[:4])  # batch 4: 2-way
     tc = train_cfg(micro_batch_size=2)

@@ -12,8 +12,8 @@ from typing import Iterator, Optional
 import ml_dtypes
 import numpy as np
 
-from ..host_allocator import libc_function
 from ..errors import UsageError
+from ..host_allocator import libc_function
 
 
 class CheckpointError(UsageError):

@@ -7,8 +7,13 @@ import sys
 
 from .common import dtype_name
 from .hf import HFCheckpoint, write_hf
-from .orbax_io import find_step_dir, iter_orbax_leaves, orbax_leaf_dtypes, read_orbax_config
-from .orbax_io import save_orbax
+from .orbax_io import (
+    find_step_dir,
+    iter_orbax_leaves,
+    orbax_leaf_dtypes,
+    read_orbax_config,
+    save_orbax,
+)
 
 
 @contextlib.contextmanager

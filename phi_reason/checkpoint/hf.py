@@ -18,8 +18,7 @@ import numpy as np
 
 from ..model.config import ConfigError, ModelConfig
 from ..model.params import flatten_params, param_specs, unflatten_params
-from .common import (CheckpointError, atomic_output_dir, dtype_name, parse_size,
-                     resolve_dtype)
+from .common import CheckpointError, atomic_output_dir, dtype_name, parse_size, resolve_dtype
 from .layout import hf_tensor_shapes, hf_view, leaf_pieces, row_chunks
 from .safetensors_io import SafetensorsFile, SafetensorsWriter
 

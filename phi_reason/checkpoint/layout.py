@@ -17,7 +17,6 @@ import numpy as np
 from ..model.config import ModelConfig
 from ..model.params import ParamSpec, linear_shape, param_specs
 
-
 CHUNK_BYTES = 32 * 2**20  # rows moved per read/write: small next to any leaf, large for I/O
 
 

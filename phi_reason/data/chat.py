@@ -17,6 +17,7 @@ Formats (PHI4_FACTS section 3):
 from __future__ import annotations
 
 import dataclasses
+
 from ..errors import UsageError
 
 ROLES = ("system", "user", "assistant")

@@ -20,9 +20,9 @@ import json
 import os
 import pathlib
 
+from ..errors import UsageError
 from .boxed import gsm8k_answer, last_boxed
 from .chat import ROLES
-from ..errors import UsageError
 
 
 class DataError(UsageError):

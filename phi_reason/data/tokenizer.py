@@ -16,6 +16,7 @@ import os
 import pathlib
 import re
 from typing import Protocol, runtime_checkable
+
 from ..errors import UsageError
 
 

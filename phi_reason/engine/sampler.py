@@ -199,7 +199,8 @@ def _batch_axes(mesh) -> tuple:
 
 def _state_sharding(mesh, cfg: ModelConfig, per_layer: bool = False):
     """Slots over the batch axes (data, fsdp), KV heads over `tensor` when it divides them."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     b = _batch_axes(mesh) or None
     heads = "tensor" if ("tensor" in mesh.axis_names

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from phi_reason.files import atomic_open, read_jsonl
 from phi_reason.eval.pool import GraderPool
+from phi_reason.files import atomic_open, read_jsonl
 
 
 def grade_records(records: list[dict], mode: str = "eval", timeout: float = 5.0,

@@ -132,8 +132,8 @@ def new_train_state(cfg, train_cfg, params, mesh, ref_params=None):
     optimizer, _ = make_optimizer(train_cfg, cfg)
     if mesh is None:
         return TrainState.create(params, optimizer, train_cfg.seed, ref_params)
-    from ..sharding.init import sharded_opt_init
     from ..model.sharded import param_shardings
+    from ..sharding.init import sharded_opt_init
     opt_state = sharded_opt_init(optimizer, params, param_shardings(cfg, mesh), mesh)
     return TrainState(params=params, opt_state=opt_state, step=jnp.zeros((), jnp.int32),
                       rng=jax.random.PRNGKey(train_cfg.seed), ref_params=ref_params)

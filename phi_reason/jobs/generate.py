@@ -12,8 +12,8 @@ import sys
 from typing import List, Optional
 
 from ..data.tokenizer import completion_text
-from ..files import atomic_write_text, iter_jsonl
 from ..errors import UsageError
+from ..files import atomic_write_text, iter_jsonl
 
 NO_CHAT = (None, "", "none")
 

@@ -33,7 +33,6 @@ import dataclasses
 import functools
 import json as jsonlib
 import math
-import sys
 from typing import Dict, List, Optional
 
 import jax
@@ -216,7 +215,8 @@ def activation_estimate(cfg: ModelConfig, local_batch: int, local_seq: int, rema
     t_head = min(logits_chunk, T) if logits_chunk else T
     head_saved, _ = _residual_bytes(
         head, jax.ShapeDtypeStruct((B, t_head, H), cdt), jax.ShapeDtypeStruct((H,), pdt),
-        jax.ShapeDtypeStruct((cfg.vocab_size, H), pdt), jax.ShapeDtypeStruct((B, t_head), jnp.int32))
+        jax.ShapeDtypeStruct((cfg.vocab_size, H), pdt),
+        jax.ShapeDtypeStruct((B, t_head), jnp.int32))
     logits = head_saved + B * t_head * cfg.vocab_size * 4
     return activations, saved_total, logits
 

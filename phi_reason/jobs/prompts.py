@@ -1,9 +1,10 @@
 """Prompts for rollouts (RL, Rollout DPO): loading them from a run config, and the RL prompt stream.
 
-The RL prompt stream (`PromptIterator`): each epoch is a fresh permutation drawn from (seed, epoch), so the stream is reproducible and its
-position is two integers. Prompts the policy has mastered (a whole group correct) can be
-*retired*: skipped in later epochs (Phi-4-mini-reasoning's prompt filtering drops all-correct
-prompts). `get_state()` / `set_state()` round-trip through JSON for checkpoints.
+The RL prompt stream (`PromptIterator`): each epoch is a fresh permutation drawn from (seed, epoch),
+so the stream is reproducible and its position is two integers. Prompts the policy has mastered (a
+whole group correct) can be *retired*: skipped in later epochs (Phi-4-mini-reasoning's prompt
+filtering drops all-correct prompts). `get_state()` / `set_state()` round-trip through JSON for
+checkpoints.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def synthetic_prompts(spec: dict, tokenizer, fmt: str, max_prompt_tokens: int,
     held: list = []
     if eval_problems:
         spec_eval = dict(spec, n=eval_problems, seed=int(spec.get("seed", 0)) + 10_007,
-                         exclude=tuple(spec.get("exclude", ())) + tuple(p["problem"] for p in train))
+                         exclude=tuple(spec.get("exclude", ()))
+                         + tuple(p["problem"] for p in train))
         fresh = make_problems(**spec_eval)
         recs = [{"prompt": p["problem"], "answer": p["answer"]} for p in fresh]
         held, _ = prompts_from_records(recs, [f"heldout:{i}" for i in range(len(recs))],

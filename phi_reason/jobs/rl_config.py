@@ -1,5 +1,5 @@
-"""RL run config: the trainer's `RunConfig` (model, data, train incl. train.pg, mesh, output) plus an
-`rl` section. Loaded with the same YAML + dotted-override machinery (`phi_reason.config`).
+"""RL run config: the trainer's `RunConfig` (model, data, train incl. train.pg, mesh, output)
+plus an `rl` section. Loaded with the same YAML + dotted-override machinery (`phi_reason.config`).
 
 Sizes: each RL step samples `rl.prompts_per_step` prompts x `rl.group_size` completions; the
 policy is then updated `rl.mu` times over those rows in minibatches of `train.batch_size` sequences
@@ -71,7 +71,8 @@ class RLSection:
     reference_on_host: bool = False  # beta > 0: keep the frozen reference params in host memory
     grader_workers: int = 2
     grader_timeout: float = 5.0
-    eval_every: int = 0  # RL steps between held-out evaluations (0: only at the end, if eval_problems)
+    # RL steps between held-out evaluations (0: only at the end, if eval_problems)
+    eval_every: int = 0
     eval_problems: int = 0  # held-out problems (synthetic data only; greedy decoding)
     seed: int = 0
 
@@ -100,11 +101,12 @@ class RLRunConfig(RunConfig):
             if getattr(rl, key) <= 0:
                 bad(key, f"must be positive, got {getattr(rl, key)}")
         if rl.group_size < 2:
-            bad("group_size", f"group-relative advantages need >= 2 completions, got {rl.group_size}")
+            bad("group_size",
+                f"group-relative advantages need >= 2 completions, got {rl.group_size}")
         if self.rows_per_step() % self.train.batch_size:
             raise RunConfigError(
-                f"{where}: train.batch_size {self.train.batch_size} must divide rl.prompts_per_step "
-                f"x rl.group_size = {self.rows_per_step()}")
+                f"{where}: train.batch_size {self.train.batch_size} must divide "
+                f"rl.prompts_per_step x rl.group_size = {self.rows_per_step()}")
         if rl.advantage not in ADVANTAGES:
             bad("advantage", f"unknown estimator {rl.advantage!r}; known: {sorted(ADVANTAGES)}")
         if rl.scale_rewards not in SCALE_MODES:

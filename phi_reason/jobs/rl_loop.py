@@ -1,4 +1,5 @@
-"""The RL loop (one RL step at a time; `rl.py` runs it through the trainer): rollout -> grade -> reward -> advantage -> filter -> policy-gradient updates.
+"""The RL loop, one RL step at a time (`rl.py` runs it through the trainer): rollout -> grade ->
+reward -> advantage -> filter -> policy-gradient updates.
 
 One RL step (`RLLoop.step`):
 1. draw prompts from the resumable `PromptIterator`; sample `group_size` completions each with the
@@ -35,8 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..data.tokenizer import completion_text
-from ..train.advantages import (GroupBuffer, compute_advantages, nonzero_variance_groups,
-                                pass_rate_keep)
+from ..train.advantages import (
+    GroupBuffer,
+    compute_advantages,
+    nonzero_variance_groups,
+    pass_rate_keep,
+)
 from ..train.policy import fold_temperature, make_token_logprob_fn
 from ..train.rewards import make_reward_fn
 from ..train.rollouts import Group, Prompt, build_pg_batch, pad_length, score_groups
@@ -44,7 +49,6 @@ from ..train.state import TrainState
 from ..train.steps import make_pg_step
 from .prompts import PromptIterator
 from .rl_config import RLRunConfig
-
 
 _COMPILED: dict = {}
 
@@ -95,7 +99,8 @@ class RLLoop:
         config.validate()
         if config.train.steps is None:  # the lr schedule's length: every update of the run
             steps = optimizer_steps or config.rl.steps * config.updates_per_step()
-            config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
+            config = dataclasses.replace(config,
+                                         train=dataclasses.replace(config.train, steps=steps))
         self.config, self.rl, self.model_cfg = config, config.rl, model_cfg
         self.tokenizer, self.stop_ids, self.mesh = tokenizer, tuple(stop_ids), mesh
         self.grader = grader  # a GraderPool (or anything with .submit(prediction, gold, mode))

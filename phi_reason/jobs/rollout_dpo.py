@@ -67,7 +67,8 @@ def make_pairs(texts: Sequence[str], correct: Sequence[bool], finished: Sequence
     rejected among incorrect ones (finished only unless rejected_truncated); each completion is used
     at most once, and identical texts are never paired."""
     good = [i for i, (c, f) in enumerate(zip(correct, finished)) if c and f]
-    bad = [i for i, (c, f) in enumerate(zip(correct, finished)) if not c and (f or rejected_truncated)]
+    bad = [i for i, (c, f) in enumerate(zip(correct, finished))
+           if not c and (f or rejected_truncated)]
     good = [good[i] for i in rng.permutation(len(good))]
     bad = [bad[i] for i in rng.permutation(len(bad))]
     pairs = []
@@ -94,10 +95,9 @@ def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=No
     """Sample, grade and write pairs; returns counts. `model` = (ModelConfig, params) and `prompts`
     (lists of `Prompt` with .messages) override what the config would load."""
     from ..data.chat import stop_ids as format_stop_ids
-    from ..data.tokenizer import load_tokenizer
-    from ..eval.pool import GraderPool
-    from ..data.tokenizer import completion_text
+    from ..data.tokenizer import completion_text, load_tokenizer
     from ..engine.sampler import generate
+    from ..eval.pool import GraderPool
     from .build import build_mesh, build_model
     from .prompts import load_prompts
     from .rl_loop import submit_grading

@@ -1,4 +1,5 @@
-"""The trainer loop that SFT, DPO and RL all run through: steps -> metrics, checkpoints, signals, resume.
+"""The trainer loop that SFT, DPO and RL all run through: steps -> metrics, checkpoints, signals,
+resume.
 
 All I/O of training lives here (the steps are pure). A job hands the trainer a `StepSource`: the
 TrainState to checkpoint, `step(n)` (one update of SFT/DPO, one whole RL step), its resumable

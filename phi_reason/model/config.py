@@ -10,6 +10,7 @@ import json
 import math
 import os
 from typing import Any, Mapping, Optional, Tuple
+
 from ..errors import UsageError
 
 PHI4_MINI_LONG_FACTOR = (

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,6 @@ from jax.ad_checkpoint import checkpoint_name
 from .attention import attention
 from .config import ModelConfig
 from .rope import apply_rope, rope_tables
-
 
 # Primitives through which a layer calls a fused attention kernel. Depending on the JAX version
 # the policy sees the custom_vjp call itself or the call inside its forward rule (jax 0.10 shows

@@ -23,7 +23,7 @@ decode step), while a per-layer buffer is updated in place and read directly.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

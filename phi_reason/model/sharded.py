@@ -7,7 +7,8 @@ Nothing here materialises a whole parameter on one device: `sharded_init` runs `
 from __future__ import annotations
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from ..sharding.rules import spec_for
 from .config import ModelConfig

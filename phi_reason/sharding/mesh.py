@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
+
 from ..errors import UsageError
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ import optax
 from ..model.config import ModelConfig
 from ..model.params import param_specs, unflatten_params
 
-
 # The decay after warm-up, by `train.schedule` name: (peak, min_lr_ratio, steps) -> optax schedule.
 LR_SCHEDULES = {
     "cosine": lambda peak, ratio, n: optax.cosine_decay_schedule(peak, n, alpha=ratio),

@@ -17,8 +17,15 @@ import optax
 from jax import lax
 
 from ..model.config import ModelConfig
-from .losses import (DPO_LENGTH_NORMALISED, PG_LOSSES, SFT_LOSSES, Norms, dpo_loss,
-                     reduce_micro_metrics, target_mask)
+from .losses import (
+    DPO_LENGTH_NORMALISED,
+    PG_LOSSES,
+    SFT_LOSSES,
+    Norms,
+    dpo_loss,
+    reduce_micro_metrics,
+    target_mask,
+)
 from .optim import make_optimizer
 from .state import TrainState
 from .token_stats import model_token_stats, sequence_logprob_sums
@@ -217,8 +224,8 @@ def _jit(step, cfg: ModelConfig, mesh, optimizer):
 def state_shardings(state: TrainState, cfg: ModelConfig, mesh, optimizer):
     """Shardings for a TrainState: params (and ref params) by their logical axes, optimizer
     leaves that mirror a parameter (AdamW mu / nu) like that parameter, the rest replicated."""
-    from ..sharding.init import opt_state_shardings
     from ..model.sharded import param_shardings
+    from ..sharding.init import opt_state_shardings
     from ..sharding.rules import replicated
 
     param_sh = param_shardings(cfg, mesh)
@@ -230,8 +237,9 @@ def state_shardings(state: TrainState, cfg: ModelConfig, mesh, optimizer):
 
 def batch_shardings(batch, mesh):
     """[B, ...] arrays split over the batch mesh axes (rank-matched specs)."""
-    from ..sharding import rules
     from jax.sharding import NamedSharding, PartitionSpec
+
+    from ..sharding import rules
 
     base = rules.batch_sharding(mesh).spec[0]
     return {k: NamedSharding(mesh, PartitionSpec(base, *([None] * (jnp.ndim(v) - 1))))
