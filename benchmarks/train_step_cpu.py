@@ -95,8 +95,8 @@ def time_jax(cfg, tokens_np, runs):
 
     def one():
         t0 = time.perf_counter()
-        p, o, l = step(state["params"], state["opt_state"], tokens)
-        l.block_until_ready()
+        p, o, loss = step(state["params"], state["opt_state"], tokens)
+        loss.block_until_ready()
         state["params"], state["opt_state"] = p, o
         return time.perf_counter() - t0
 
@@ -149,7 +149,8 @@ def describe_machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return (f"{cpu}, {os.cpu_count()} cores visible, {THREADS} threads; python "

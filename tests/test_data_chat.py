@@ -1,6 +1,7 @@
 """Chat formats: exact token sequences and masks for the four Phi formats on a multi-turn
-conversation, and equality with Hugging Face `apply_chat_template` (ids and, through `{% generation %}`
-blocks, HF's own assistant mask) for templates written here after the published ones."""
+conversation, and equality with Hugging Face `apply_chat_template` (ids and, through
+`{% generation %}` blocks, HF's own assistant mask) for templates written here after the published
+ones."""
 import importlib.util
 import json
 import pathlib
@@ -30,19 +31,20 @@ CONVERSATION = [
 ]
 NO_SYSTEM = CONVERSATION[1:]
 
-# ---------------------------------------------------------------- templates (after the published ones)
+# ------------------------------------------------------------ templates (after the published ones)
 # Phi-4's tokenizer_config.json template, with {% generation %} around the assistant's content and
 # end token so HF computes its own assistant mask.
 PHI4_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}{{'<|im_start|>assistant<|im_sep|>'}}"
     "{% generation %}{{message['content'] + '<|im_end|>'}}{% endgeneration %}"
-    "{% else %}{{'<|im_start|>' + message['role'] + '<|im_sep|>' + message['content'] + '<|im_end|>'}}"
+    "{% else %}{{'<|im_start|>' + message['role'] + '<|im_sep|>' + message['content'] "
+    "+ '<|im_end|>'}}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{'<|im_start|>assistant<|im_sep|>'}}{% endif %}")
 PHI4_REASONING_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}{{'<|im_start|>system<|im_sep|>" + PHI4_REASONING_SYSTEM
-    + "<|im_end|>'}}{% endif %}" + PHI4_TEMPLATE)
+    "{% if messages[0]['role'] != 'system' %}{{'<|im_start|>system<|im_sep|>"
+    + PHI4_REASONING_SYSTEM + "<|im_end|>'}}{% endif %}" + PHI4_TEMPLATE)
 # Phi-4-mini's template: <|role|>content<|end|>, then <|assistant|> or eos_token. The eos after a
 # finished conversation is inside a generation block when the assistant spoke last (our choice: the
 # model learns to emit it); the rendered text is the published one.
@@ -50,7 +52,8 @@ PHI4_MINI_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}{{'<|assistant|>'}}"
     "{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}"
-    "{% else %}{{'<|' + message['role'] + '|>' + message['content'] + '<|end|>'}}{% endif %}{% endfor %}"
+    "{% else %}{{'<|' + message['role'] + '|>' + message['content'] + '<|end|>'}}{% endif %}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}{{'<|assistant|>'}}"
     "{% elif messages[-1]['role'] == 'assistant' %}{% generation %}{{eos_token}}{% endgeneration %}"
     "{% else %}{{eos_token}}{% endif %}")
@@ -148,7 +151,8 @@ def test_phi4_reasoning_format_exact(cl100k, phi4_reasoning):
     ids, mask = render_conversation(NO_SYSTEM, tok, "phi-4-reasoning")
     with_default = [{"role": "system", "content": PHI4_REASONING_SYSTEM}] + NO_SYSTEM
     assert (ids, mask) == _expected_phi4(with_default, lambda t: _ref_encode(cl100k, t, think))
-    assert ids.count(100350) == 2  # one in the system prompt's format description, one in the answer
+    assert ids.count(100350) == 2  # one in the system prompt's format description,
+                                   # one in the answer
     # an explicit system message replaces the default; `system=` replaces both
     assert render_conversation(CONVERSATION, tok, "phi-4-reasoning") == \
         _expected_phi4(CONVERSATION, lambda t: _ref_encode(cl100k, t, think))
@@ -158,8 +162,8 @@ def test_phi4_reasoning_format_exact(cl100k, phi4_reasoning):
 
 def test_phi4_reasoning_system_prompt_text():
     assert PHI4_REASONING_SYSTEM.startswith(
-        "You are Phi, a language model trained by Microsoft to help users. Your role as an assistant "
-        "involves thoroughly exploring questions through a systematic thinking process")
+        "You are Phi, a language model trained by Microsoft to help users. Your role as an "
+        "assistant involves thoroughly exploring questions through a systematic thinking process")
     assert "<think> {Thought section} </think> {Solution section}" in PHI4_REASONING_SYSTEM
     assert PHI4_REASONING_SYSTEM.endswith(
         "Now, try to solve the following question through the above guidelines:")
@@ -233,19 +237,21 @@ def test_system_prompt_from_checkpoint_template(tiny_hf, tiny_hf_dir):
     assert system_prompt_from_template(custom, "phi-4") is None
 
 
-# ---------------------------------------------------------------- prompts, completions, plain, stops
+# ------------------------------------------------------------ prompts, completions, plain, stops
 def test_render_prompt_and_completion_char():
     tok = CharTokenizer()
     eos = tok.eos_ids[0]
     prompt = render_prompt("12+34=?", tok, "plain")
     assert prompt == [ord(c) + 8 for c in "12+34=?\n"]
     ids, mask = render_completion(prompt, "<think>4+2=6</think>\\boxed{46}", tok, "plain")
-    completion = [6] + [ord(c) + 8 for c in "4+2=6"] + [7] + [ord(c) + 8 for c in "\\boxed{46}"] + [eos]
+    completion = ([6] + [ord(c) + 8 for c in "4+2=6"] + [7] + [ord(c) + 8 for c in "\\boxed{46}"]
+                  + [eos])
     assert ids == prompt + completion
     assert mask == [0] * len(prompt) + [1] * len(completion)
-    full = render_conversation([{"role": "user", "content": "12+34=?"},
-                                {"role": "assistant", "content": "<think>4+2=6</think>\\boxed{46}"}],
-                               tok, "plain")
+    full = render_conversation(
+        [{"role": "user", "content": "12+34=?"},
+         {"role": "assistant", "content": "<think>4+2=6</think>\\boxed{46}"}],
+        tok, "plain")
     assert full == (ids, mask)  # a rendered prompt + completion is the rendered conversation
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..host_allocator import libc_function
+from ..sharding import processes
 
 
 class CheckpointError(UsageError):
@@ -80,21 +81,34 @@ def atomic_output_dir(out, overwrite: bool = False) -> Iterator[str]:
 
     The existence check happens before any work so that a refused run writes nothing. With
     `overwrite`, the old `out` is moved aside and deleted only after the new one is in place.
+    Under several processes (a collective Orbax save) every process gets the same temp dir;
+    process 0 creates it and publishes it once all have written their part.
     """
     out = os.path.abspath(os.fspath(out))
     if os.path.lexists(out) and not overwrite:
         raise CheckpointError(f"{out}: output already exists (pass overwrite=True / --overwrite "
                               "to replace it)")
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    lead = processes.is_lead()
+    tag = processes.agree(f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{tag}")
-    os.mkdir(tmp)
+    if lead:
+        os.makedirs(parent, exist_ok=True)
+        os.mkdir(tmp)
+    processes.barrier(f"atomic_output_dir:start:{tag}")
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    processes.barrier(f"atomic_output_dir:written:{tag}")
+    if lead:
+        _publish(tmp, out, parent, tag)
+    processes.barrier(f"atomic_output_dir:published:{tag}")
+
+
+def _publish(tmp: str, out: str, parent: str, tag: str) -> None:
     _fsync_tree(tmp)  # the data is on disk before the name says the output is complete
     old = None
     if os.path.lexists(out):

@@ -6,13 +6,15 @@ separately tokenised segments (header, content, end) whose mask value is known w
 nothing searches the rendered string afterwards.
 
 Formats (PHI4_FACTS section 3):
-  phi-4                 <|im_start|>{role}<|im_sep|>{content}<|im_end|> ... <|im_start|>assistant<|im_sep|>
+  phi-4                 <|im_start|>{role}<|im_sep|>{content}<|im_end|> ...
+                        <|im_start|>assistant<|im_sep|>
   phi-4-reasoning       phi-4 with its fixed system prompt first (unless the conversation has one)
-  phi-4-mini            <|{role}|>{content}<|end|> ... <|assistant|>; a finished conversation ends with
-                        <|endoftext|> (the published template appends eos_token without a generation prompt)
+  phi-4-mini            <|{role}|>{content}<|end|> ... <|assistant|>; a finished conversation
+                        ends with <|endoftext|> (the published template appends eos_token
+                        without a generation prompt)
   phi-4-mini-reasoning  phi-4-mini with its fixed system prompt
-  plain                 no markup: a non-assistant turn is its text and "\n"; an assistant turn is its
-                        text and the tokenizer's eos (for the char tokenizer / demo)
+  plain                 no markup: a non-assistant turn is its text and "\n"; an assistant turn
+                        is its text and the tokenizer's eos (for the char tokenizer / demo)
 """
 from __future__ import annotations
 
@@ -27,8 +29,9 @@ ROLES = ("system", "user", "assistant")
 # `system_prompt_from_template` (callers pass the result as `system=`).
 PHI4_REASONING_SYSTEM = (
     "You are Phi, a language model trained by Microsoft to help users. Your role as an assistant "
-    "involves thoroughly exploring questions through a systematic thinking process before providing "
-    "the final precise and accurate solutions. This requires engaging in a comprehensive cycle of "
+    "involves thoroughly exploring questions through a systematic thinking process before "
+    "providing the final precise and accurate solutions. This requires engaging in a "
+    "comprehensive cycle of "
     "analysis, summarizing, exploration, reassessment, reflection, backtracing, and iteration to "
     "develop well-considered thinking process. Please structure your response into two main "
     "sections: Thought and Solution using the specified format: <think> {Thought section} </think> "
@@ -69,7 +72,8 @@ _PHI4 = dict(headers={r: _im(r) for r in ROLES}, turn_ends={r: "<|im_end|>" for 
              required_specials=("<|im_start|>", "<|im_sep|>", "<|im_end|>"))
 _MINI = dict(headers={r: f"<|{r}|>" for r in ROLES}, turn_ends={r: "<|end|>" for r in ROLES},
              conversation_end="<|endoftext|>", stop_tokens=("<|end|>", "<|endoftext|>"),
-             required_specials=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"))
+             required_specials=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+                                "<|endoftext|>"))
 FORMATS = {
     "phi-4": ChatFormat("phi-4", default_system=None, **_PHI4),
     "phi-4-reasoning": ChatFormat("phi-4-reasoning", default_system=PHI4_REASONING_SYSTEM, **_PHI4),
@@ -87,7 +91,8 @@ def get_format(fmt: str) -> ChatFormat:
     try:
         return FORMATS[fmt]
     except KeyError:
-        raise ChatFormatError(f"unknown chat format {fmt!r}; expected one of {sorted(FORMATS)}") from None
+        raise ChatFormatError(f"unknown chat format {fmt!r}; "
+                              f"expected one of {sorted(FORMATS)}") from None
 
 
 def _check_tokenizer(chat: ChatFormat, tokenizer) -> None:
@@ -99,15 +104,18 @@ def _check_tokenizer(chat: ChatFormat, tokenizer) -> None:
 
 def _validated(messages) -> list[dict]:
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ChatFormatError(f"messages must be a non-empty list of {{role, content}}, got {messages!r:.80}")
+        raise ChatFormatError(f"messages must be a non-empty list of {{role, content}}, "
+                              f"got {messages!r:.80}")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ChatFormatError(f"message {i}: expected a dict with 'role' and 'content', got {m!r:.80}")
+            raise ChatFormatError(f"message {i}: expected a dict with 'role' and 'content', "
+                                  f"got {m!r:.80}")
         if m["role"] not in ROLES:
             raise ChatFormatError(f"message {i}: role {m['role']!r} is not one of {ROLES}")
         if not isinstance(m["content"], str):
-            raise ChatFormatError(f"message {i}: content must be a string, got {type(m['content']).__name__}")
+            raise ChatFormatError(f"message {i}: content must be a string, "
+                                  f"got {type(m['content']).__name__}")
         out.append({"role": m["role"], "content": m["content"]})
     return out
 
@@ -152,7 +160,8 @@ def render_conversation(messages, tokenizer, fmt: str, system: str | None = None
     return _render(messages, tokenizer, chat, system, finished=True)
 
 
-def render_prompt(messages_or_question, tokenizer, fmt: str, system: str | None = None) -> list[int]:
+def render_prompt(messages_or_question, tokenizer, fmt: str, system: str | None = None
+                  ) -> list[int]:
     """Ids of a generation prompt: the conversation so far followed by the assistant header."""
     chat = get_format(fmt)
     _check_tokenizer(chat, tokenizer)
@@ -167,7 +176,8 @@ def render_completion(prompt_ids: list[int], completion: str, tokenizer, fmt: st
     """A prompt from `render_prompt` followed by an assistant completion and its end token(s):
     ids and loss mask (1 on the completion and end). Used for preference pairs and rollouts."""
     chat = get_format(fmt)
-    completion_ids = tokenizer.encode(completion) + _piece_ids(chat.turn_ends["assistant"], tokenizer)
+    completion_ids = (tokenizer.encode(completion)
+                      + _piece_ids(chat.turn_ends["assistant"], tokenizer))
     if chat.conversation_end:
         completion_ids += tokenizer.encode(chat.conversation_end)
     return list(prompt_ids) + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
@@ -183,9 +193,9 @@ def stop_ids(fmt: str, tokenizer) -> tuple[int, ...]:
 
 
 def system_prompt_from_template(hf_tokenizer, fmt: str) -> str | None:
-    """The default system prompt a checkpoint's chat template inserts (rendering it for a one-message
-    conversation and reading the system turn), or None when the template inserts none. This lets a
-    checkpoint's tokenizer_config.json override the shipped default texts above."""
+    """The default system prompt a checkpoint's chat template inserts (rendering it for a
+    one-message conversation and reading the system turn), or None when the template inserts none.
+    This lets a checkpoint's tokenizer_config.json override the shipped default texts above."""
     chat = get_format(fmt)
     if getattr(hf_tokenizer, "chat_template", None) is None:
         return None

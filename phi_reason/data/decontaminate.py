@@ -46,7 +46,8 @@ def record_text(record: dict, where: str, field: str | None = None) -> str:
 
 def _user_text(messages) -> str:
     return "\n".join(m.get("content", "") for m in messages
-                     if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str))
+                     if isinstance(m, dict) and m.get("role") == "user"
+                     and isinstance(m.get("content"), str))
 
 
 MIN_SHORT_WORDS = 5  # an eval text shorter than n words is matched whole if it has this many
@@ -105,7 +106,8 @@ def decontaminate(train_path, eval_paths, ngram: int = 13, field: str | None = N
     if not train.is_file():
         raise DataError(f"{train}: training file not found")
     if train.suffix.lower() not in (".jsonl", ".json"):
-        raise DataError(f"{train}: the training file must be JSONL (its lines are copied unchanged)")
+        raise DataError(f"{train}: the training file must be JSONL "
+                        "(its lines are copied unchanged)")
     kept, removed = [], []
     with open(train, encoding="utf-8") as f:
         lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]

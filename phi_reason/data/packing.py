@@ -27,7 +27,8 @@ class FirstFitBins:
 
     def __init__(self, rows: int, seq_len: int, pad_id: int):
         if rows < 1 or seq_len < 1:
-            raise ValueError(f"rows and seq_len must be positive, got rows={rows} seq_len={seq_len}")
+            raise ValueError("rows and seq_len must be positive, "
+                             f"got rows={rows} seq_len={seq_len}")
         self.seq_len = seq_len
         self.batch = empty_batch(rows, seq_len, pad_id)
         self.fill = np.zeros(rows, np.int64)       # first free cell per row
@@ -37,8 +38,8 @@ class FirstFitBins:
     def add(self, example: dict) -> bool:
         length = len(example["tokens"])
         if length > self.seq_len:
-            raise ValueError(f"example of {length} tokens exceeds seq_len {self.seq_len}: apply the "
-                             "length policy (truncate or drop) before packing")
+            raise ValueError(f"example of {length} tokens exceeds seq_len {self.seq_len}: "
+                             "apply the length policy (truncate or drop) before packing")
         if length == 0:
             raise ValueError("cannot pack an empty example")
         fits = np.flatnonzero(self.fill + length <= self.seq_len)
@@ -57,7 +58,8 @@ class FirstFitBins:
 
 
 def pack_first_fit(examples, rows: int, seq_len: int, pad_id: int) -> list[dict[str, np.ndarray]]:
-    """All `examples` (in order) packed into batches of `rows` rows; the last batch may have empty rows."""
+    """All `examples` (in order) packed into batches of `rows` rows; the last batch may have empty
+    rows."""
     batches = []
     bins = FirstFitBins(rows, seq_len, pad_id)
     for example in examples:
@@ -98,4 +100,5 @@ def apply_length_policy(example: dict, seq_len: int, policy: str) -> tuple[dict 
         return example, None
     if policy == "drop":
         return None, "dropped"
-    return {k: v[:seq_len] if isinstance(v, np.ndarray) else v for k, v in example.items()}, "truncated"
+    return ({k: v[:seq_len] if isinstance(v, np.ndarray) else v for k, v in example.items()},
+            "truncated")

@@ -69,7 +69,8 @@ class PromptExample:
 
 # ------------------------------------------------------------------------------ batch assembly
 class PackedRows:
-    """First-fit packing into `rows` x `seq_len`; a batch is complete when an example fits no row."""
+    """First-fit packing into `rows` x `seq_len`; a batch is complete when an example fits no
+    row."""
 
     def __init__(self, rows, seq_len, pad_id):
         self.rows, self.seq_len, self.pad_id = rows, seq_len, pad_id
@@ -109,7 +110,8 @@ class PaddedRows:
             return pad_rows(acc, self.rows, self.seq_len, self.pad_id)
         batch = {}
         for side in self.sides:
-            examples = [{"tokens": e[f"{side}_tokens"], "loss_mask": e[f"{side}_loss_mask"]} for e in acc]
+            examples = [{"tokens": e[f"{side}_tokens"], "loss_mask": e[f"{side}_loss_mask"]}
+                        for e in acc]
             for k, v in pad_rows(examples, self.rows, self.seq_len, self.pad_id).items():
                 batch[f"{side}_{k}"] = v
         return batch
@@ -264,9 +266,9 @@ def _host_shard(shard_index, shard_count):
 
 def example_dataset(records, to_example, *, seed=0, shuffle=True, num_epochs=None, shard_index=None,
                     shard_count=None) -> grain.MapDataset:
-    """records -> shuffled (new permutation each epoch) -> repeated -> this host's shard -> examples.
-    Sharding after shuffle and repeat splits the one global stream: host h takes its elements
-    h, h + hosts, ... so hosts never see the same element of an epoch."""
+    """records -> shuffled (new permutation each epoch) -> repeated -> this host's shard ->
+    examples. Sharding after shuffle and repeat splits the one global stream: host h takes its
+    elements h, h + hosts, ... so hosts never see the same element of an epoch."""
     records = getattr(records, "records", records)  # a sources.Records or a plain list
     if len(records) == 0:
         raise ValueError("no records")
@@ -292,9 +294,9 @@ def _allow_unparsed_absl_flags():
 
 # Examples are read in the training loop's thread: grain's default read-ahead (16 threads, 500
 # buffered elements) polls every buffered future on each read and its threads compete with the
-# step for the host's cores (17 ms of an 85 ms CPU step, benchmarks/results/trainer_overhead_cpu.md).
-# Reading inline still overlaps the device (steps are dispatched asynchronously); pipelines too
-# heavy for that use `workers` (separate processes).
+# step for the host's cores (17 ms of an 85 ms CPU step,
+# benchmarks/results/trainer_overhead_cpu.md). Reading inline still overlaps the device (steps are
+# dispatched asynchronously); pipelines too heavy for that use `workers` (separate processes).
 INLINE_READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 
@@ -316,7 +318,8 @@ def sft_batches(records, tokenizer, fmt, *, seq_len, batch_size, packed=True, se
     rows = _local_rows(batch_size, shard_count)
     strategy = (PackedRows if packed else PaddedRows)(rows, seq_len, tokenizer.pad_id)
     examples = example_dataset(records, SFTExample(tokenizer, fmt), seed=seed, shuffle=shuffle,
-                               num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count)
+                               num_epochs=num_epochs, shard_index=shard_index,
+                               shard_count=shard_count)
     return _finish(examples, strategy, seq_len, length_policy, workers, drop_remainder)
 
 
@@ -328,7 +331,8 @@ def dpo_batches(records, tokenizer, fmt, *, seq_len, batch_size, seed=0, shuffle
     rows = _local_rows(batch_size, shard_count)
     strategy = PaddedRows(rows, seq_len, tokenizer.pad_id, sides=("chosen", "rejected"))
     examples = example_dataset(records, DPOExample(tokenizer, fmt), seed=seed, shuffle=shuffle,
-                               num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count)
+                               num_epochs=num_epochs, shard_index=shard_index,
+                               shard_count=shard_count)
     return _finish(examples, strategy, seq_len, length_policy, workers, drop_remainder)
 
 
@@ -340,7 +344,8 @@ def prompt_batches(records, tokenizer, fmt, *, batch_size, max_prompt_len, seed=
     shard_index, shard_count = _host_shard(shard_index, shard_count)
     rows = _local_rows(batch_size, shard_count)
     examples = example_dataset(records, PromptExample(tokenizer, fmt), seed=seed, shuffle=shuffle,
-                               num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count)
+                               num_epochs=num_epochs, shard_index=shard_index,
+                               shard_count=shard_count)
     return _finish(examples, PromptRows(rows), max_prompt_len, "drop", 0, drop_remainder)
 
 

@@ -1,11 +1,12 @@
 """Record sources and schema adapters.
 
-Sources (`read_records`): JSONL, Parquet (pyarrow), ArrayRecord (JSON records; when `array_record` is
-installed), TFDS (`tfds:NAME[:SPLIT]`, when tensorflow_datasets is installed) and `datasets` saved to
-disk (`datasets.load_from_disk`, when installed). Every record carries where it came from
-("file:line", "file:row N") so that errors name it.
+Sources (`read_records`): JSONL, Parquet (pyarrow), ArrayRecord (JSON records; when
+`array_record` is installed), TFDS (`tfds:NAME[:SPLIT]`, when tensorflow_datasets is installed) and
+`datasets` saved to disk (`datasets.load_from_disk`, when installed). Every record carries where it
+came from ("file:line", "file:row N") so that errors name it.
 
-Schemas (`load_records(..., schema=...)`) turn raw records into the normalised kinds the pipelines eat:
+Schemas (`load_records(..., schema=...)`) turn raw records into the normalised kinds the pipelines
+eat:
   chat             {"messages": [...]}                         (SFT)
   prompt_response  {"messages": [user prompt, assistant response]}
   math             MATH problem/solution -> messages + "answer" (last balanced \\boxed{})
@@ -151,11 +152,13 @@ def _messages(value, where) -> list[dict]:
     if isinstance(value, str):
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: expected text or a list of {{role, content}} messages, got {value!r:.80}")
+        raise DataError(f"{where}: expected text or a list of {{role, content}} messages, "
+                        f"got {value!r:.80}")
     for i, m in enumerate(value):
-        if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-            raise DataError(f"{where}: message {i} must be {{role: one of {ROLES}, content: text}}, "
-                            f"got {m!r:.80}")
+        if not (isinstance(m, dict) and m.get("role") in ROLES
+                and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: message {i} must be "
+                            f"{{role: one of {ROLES}, content: text}}, got {m!r:.80}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -210,7 +213,8 @@ SCHEMAS = {"chat": _chat, "prompt_response": _prompt_response, "math": _math, "g
            "dpo": _dpo, "rl": _rl, "raw": lambda r, where: r}
 
 
-def read_records(spec: str | os.PathLike, schema: str = "raw", skip_bad_records: bool = False) -> Records:
+def read_records(spec: str | os.PathLike, schema: str = "raw", skip_bad_records: bool = False
+                 ) -> Records:
     """All records of one source, adapted to `schema`. A malformed line, a missing or mistyped field
     and an empty source raise DataError naming the file and line, unless `skip_bad_records`, which
     skips them and counts them in `Records.skipped` (an empty source still raises)."""

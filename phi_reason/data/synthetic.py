@@ -99,7 +99,8 @@ def _mul(rng, k):
             carry = total // 10
         return f"{a}*{b}=?", steps, str(a * b)
     partials = [a * d * 10 ** i for i, d in enumerate(_digits(b, len(str(b)))) if d]
-    steps = [f"{a}*{d * 10 ** i}={a * d * 10 ** i}" for i, d in enumerate(_digits(b, len(str(b)))) if d]
+    steps = [f"{a}*{d * 10 ** i}={a * d * 10 ** i}"
+             for i, d in enumerate(_digits(b, len(str(b)))) if d]
     if len(partials) > 1:
         steps.append("+".join(map(str, partials)) + f"={a * b}")
     return f"{a}*{b}=?", steps, str(a * b)
@@ -113,7 +114,8 @@ def _linear(rng, k):
     low = -k["root"] if k["negative"] else 0
     x = rng.randint(low, k["root"])
     a = rng.randint(2, k["coef"])
-    b = rng.randint(-k["coef"] * 5, k["coef"] * 5) if k["negative"] else rng.randint(1, k["coef"] * 5)
+    b = (rng.randint(-k["coef"] * 5, k["coef"] * 5) if k["negative"]
+         else rng.randint(1, k["coef"] * 5))
     steps = []
     if k["two_sided"]:
         c = rng.randint(1, a - 1) if a > 2 else 1
@@ -135,7 +137,8 @@ def _ratio(q: Fraction) -> str:
 
 
 def _frac(rng, k):
-    p, q = (Fraction(rng.randint(1, d - 1), d) for d in (rng.randint(2, k["den"]), rng.randint(2, k["den"])))
+    p, q = (Fraction(rng.randint(1, d - 1), d)
+            for d in (rng.randint(2, k["den"]), rng.randint(2, k["den"])))
     op = rng.choice(k["frac_ops"])
     problem = f"{_ratio(p)}{op}{_ratio(q)}=?"
     if op == "*":
@@ -161,7 +164,8 @@ def _knobs(difficulty) -> dict:
     if isinstance(difficulty, dict):
         unknown = set(difficulty) - set(DIFFICULTIES["easy"])
         if unknown:
-            raise ValueError(f"unknown difficulty knobs {sorted(unknown)}; known: {sorted(DIFFICULTIES['easy'])}")
+            raise ValueError(f"unknown difficulty knobs {sorted(unknown)}; "
+                             f"known: {sorted(DIFFICULTIES['easy'])}")
         return {**DIFFICULTIES["easy"], **difficulty}
     try:
         return DIFFICULTIES[difficulty]
@@ -219,6 +223,7 @@ def with_noisy_answers(problems: list[dict], rate: float, seed: int) -> list[dic
         if rng.random() < rate and a.lstrip("-").isdigit():
             tail = "\\boxed{" + a + "}"
             assert p["solution"].endswith(tail), p
-            p = {**p, "solution": p["solution"][:-len(tail)] + "\\boxed{" + _off_by_one_digit(a) + "}"}
+            p = {**p, "solution": (p["solution"][:-len(tail)]
+                                   + "\\boxed{" + _off_by_one_digit(a) + "}")}
         out.append(p)
     return out

@@ -1,12 +1,13 @@
 """Tokenizers behind one small interface (CONTRACTS.md):
 
-    encode(text) -> list[int]   no specials added; special-token strings in the text map to their ids
+    encode(text) -> list[int]   no specials added; special-token strings in the text map to
+                                their ids
     decode(ids) -> str
     vocab_size: int; special_tokens: dict[str, int]; eos_ids: tuple[int, ...]; pad_id: int
 
-Three implementations: `Phi4Tokenizer` (tiktoken over a cl100k_base BPE file plus Phi-4's special-token
-table, fully offline), `HFTokenizer` (a Hugging Face tokenizer directory, local files only) and
-`CharTokenizer` (byte-level toy tokenizer for the demo and tests).
+Three implementations: `Phi4Tokenizer` (tiktoken over a cl100k_base BPE file plus Phi-4's
+special-token table, fully offline), `HFTokenizer` (a Hugging Face tokenizer directory, local files
+only) and `CharTokenizer` (byte-level toy tokenizer for the demo and tests).
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ class Tokenizer(Protocol):
 
 # ------------------------------------------------------------------------------------------ Phi-4
 # cl100k_base's pre-tokenisation pattern (tiktoken's openai_public.py).
-CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+"""
+                  r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
                   r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
 CL100K_NUM_RANKS = 100256
@@ -99,7 +101,8 @@ class Phi4Tokenizer:
 
         ranks = load_bpe_ranks(bpe_file, expected_sha256)
         if len(ranks) != CL100K_NUM_RANKS:
-            raise TokenizerError(f"{bpe_file}: {len(ranks)} ranks, cl100k_base has {CL100K_NUM_RANKS}")
+            raise TokenizerError(f"{bpe_file}: {len(ranks)} ranks, "
+                                 f"cl100k_base has {CL100K_NUM_RANKS}")
         self.name = "phi-4-reasoning" if reasoning else "phi-4"
         self.special_tokens = phi4_special_tokens(reasoning)
         self._encoding = tiktoken.Encoding(name=self.name, pat_str=CL100K_PATTERN,
@@ -121,7 +124,8 @@ class Phi4Tokenizer:
 
 # ------------------------------------------------------------------------------------------ HF dir
 class HFTokenizer:
-    """A Hugging Face tokenizer directory through `transformers.AutoTokenizer` (local files only)."""
+    """A Hugging Face tokenizer directory through `transformers.AutoTokenizer` (local files
+    only)."""
 
     def __init__(self, path: str | os.PathLike):
         from transformers import AutoTokenizer
@@ -197,7 +201,8 @@ class CharTokenizer:
         for i in ids:
             i = int(i)
             if not 0 <= i < self.vocab_size:
-                raise TokenizerError(f"token id {i} outside the char vocabulary [0, {self.vocab_size})")
+                raise TokenizerError(f"token id {i} outside the char vocabulary "
+                                     f"[0, {self.vocab_size})")
             out += self._text_of[i] if i < self._byte_offset else bytes([i - self._byte_offset])
         return out.decode("utf-8", errors="replace")
 

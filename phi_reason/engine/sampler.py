@@ -88,7 +88,8 @@ def init_state(cfg: ModelConfig, slots: int, max_len: int, per_layer: bool = Fal
     def flags():
         return jnp.zeros((slots,), bool)
 
-    return SlotState(init_cache(cfg, slots, max_len, per_layer=per_layer), jnp.zeros((slots, max_len), jnp.int32),
+    return SlotState(init_cache(cfg, slots, max_len, per_layer=per_layer),
+                     jnp.zeros((slots, max_len), jnp.int32),
                      jnp.zeros((slots, max_len), jnp.float32), ints(), ints(), ints(), ints(),
                      flags(), flags(), flags())
 

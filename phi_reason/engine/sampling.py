@@ -99,5 +99,5 @@ def sample_rows(key, logits, row_ids, token_index, sp: SamplingParams):
         tokens = greedy(logits)
     else:
         keys = row_keys(key, row_ids, token_index)
-        tokens = jax.vmap(lambda k, l: sample(k, l, sp))(keys, logits)
+        tokens = jax.vmap(lambda k, row_logits: sample(k, row_logits, sp))(keys, logits)
     return tokens, token_logprob(logits, tokens)

@@ -13,6 +13,7 @@ import numpy as np
 from ..config import RunConfig, RunConfigError, dump_run_config
 from ..model.config import ModelConfig
 from ..model.params import init_params
+from ..sharding import processes
 
 
 def build_mesh(run: RunConfig):
@@ -113,15 +114,20 @@ def place_batch(batch: dict, mesh) -> dict:
             for k, v in batch.items()}
 
 
+def place_global(value: np.ndarray, sharding) -> jax.Array:
+    """A global array from a value every process holds whole (e.g. precomputed per-row numbers
+    of the global batch): each process fills only its addressable shards."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def setup_run(run: RunConfig, kind: str):
     mesh = build_mesh(run)
     cfg, params = build_model(run, mesh)
     data, n_records = build_data(run, kind)
     total = resolve_total_steps(run, n_records)
     train_cfg = dataclasses.replace(run.train, steps=total)
-    out = Path(run.output.dir)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_run_config(run, str(out / "config.yaml"))
+    publish_config(run, Path(run.output.dir) / "config.yaml")
     return mesh, cfg, params, data, total, train_cfg
 
 
@@ -145,9 +151,22 @@ def export_final(out: Path, cfg: ModelConfig, params) -> None:
     save_pretrained(cfg, params, str(Path(out) / "final"), format="orbax", overwrite=True)
 
 
+def publish_config(run, path: Path) -> None:
+    """The run's resolved config beside its outputs, written once (process 0)."""
+    if processes.is_lead():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dump_run_config(run, str(path))
+
+
+def say(message: str) -> None:
+    """A progress line on stderr, from process 0 only."""
+    if processes.is_lead():
+        print(message, file=sys.stderr)
+
+
 def finish_run(trainer, cfg: ModelConfig, step: int) -> None:
-    """After `trainer.train`: export `final/` unless the run was stopped by a signal."""
+    """After `trainer.train`: export `final/` (collectively) unless a signal stopped the run."""
     if trainer.stop_signal is None:
         export_final(trainer.out, cfg, trainer.state.params)
-        print(f"done: {step} steps; checkpoints in {trainer.out / 'checkpoints'}, "
-              f"weights in {trainer.out / 'final'}", file=sys.stderr)
+        say(f"done: {step} steps; checkpoints in {trainer.out / 'checkpoints'}, "
+            f"weights in {trainer.out / 'final'}")

@@ -12,7 +12,8 @@ import numpy as np
 
 from ..config import load_run_config
 from ..files import atomic_open
-from .build import finish_run, new_train_state, place_batch, setup_run
+from ..sharding import processes
+from .build import finish_run, new_train_state, place_batch, place_global, setup_run
 from .trainer import BatchSteps, Trainer
 
 
@@ -36,7 +37,7 @@ def precompute_reference_logps(ref_fn, params, data, steps: int, prepare):
 def run_dpo(config: Optional[str], overrides: Sequence[str] = (), resume: bool = False,
             hooks: Sequence[Callable] = ()) -> int:
     """Train; returns the exit code (0). Errors as `run_sft`."""
-    from ..train.steps import make_dpo_step, make_reference_logps_fn
+    from ..train.steps import batch_shardings, make_dpo_step, make_reference_logps_fn
 
     run = load_run_config(config, overrides)
     mesh, cfg, params, data, total, train_cfg = setup_run(run, "dpo")
@@ -53,13 +54,18 @@ def run_dpo(config: Optional[str], overrides: Sequence[str] = (), resume: bool =
         else:
             ref_fn = make_reference_logps_fn(cfg, mesh)
             chosen, rejected = precompute_reference_logps(ref_fn, params, data, total, place)
-            with atomic_open(cache, "wb") as f:
-                np.savez(f, chosen=chosen, rejected=rejected)
+            if processes.is_lead():
+                with atomic_open(cache, "wb") as f:
+                    np.savez(f, chosen=chosen, rejected=rejected)
+            processes.barrier("dpo:reference_logps")
 
         def prepare(batch, step):
-            batch = dict(batch, chosen_ref_logps=chosen[step - 1],
-                         rejected_ref_logps=rejected[step - 1])
-            return place(batch, step)
+            refs = {"chosen_ref_logps": chosen[step - 1], "rejected_ref_logps": rejected[step - 1]}
+            if mesh is None:
+                return dict(batch, **refs)
+            # the sums are of the global batch's rows, in its order: placed as global arrays
+            rows = batch_shardings({"r": chosen[0]}, mesh)["r"]
+            return dict(place(batch, step), **{k: place_global(v, rows) for k, v in refs.items()})
 
     state = new_train_state(cfg, train_cfg, params, mesh, ref_params)
     source = BatchSteps(state, make_dpo_step(cfg, train_cfg, mesh), data, prepare=prepare)

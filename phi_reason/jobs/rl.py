@@ -68,11 +68,10 @@ def train_rl(run: RLRunConfig, *, model=None, tokenizer=None, prompts=None, eval
     """Run the RL loop described by an in-memory config. `model` = (ModelConfig, params) and
     `prompts` / `eval_prompts` (lists of `Prompt`) override what the config would load; hooks are
     called as hook(trainer, step) after each RL step (tests inject preemption there)."""
-    from ..config import dump_run_config
     from ..data.chat import stop_ids as format_stop_ids
     from ..data.tokenizer import load_tokenizer
     from ..eval.pool import GraderPool
-    from .build import build_mesh, build_model, finish_run
+    from .build import build_mesh, build_model, finish_run, publish_config
     from .prompts import load_prompts
 
     run.validate()
@@ -84,8 +83,7 @@ def train_rl(run: RLRunConfig, *, model=None, tokenizer=None, prompts=None, eval
         prompts, loaded_eval = load_prompts(run, tok, rl.max_prompt_tokens, rl.eval_problems)
         eval_prompts = loaded_eval if eval_prompts is None else eval_prompts
     out = Path(run.output.dir).absolute()
-    out.mkdir(parents=True, exist_ok=True)
-    dump_run_config(run, str(out / "config.yaml"))
+    publish_config(run, out / "config.yaml")
     with GraderPool(rl.grader_workers, rl.grader_timeout) as pool:
         loop = RLLoop(run, cfg, params, tok, prompts, format_stop_ids(run.data.chat_format, tok),
                       pool, mesh=mesh)

@@ -37,6 +37,8 @@ from ..files import atomic_write_text
 from ..hardware import peak_flops_per_device
 from ..model.config import ModelConfig
 from ..model.params import param_count
+from ..sharding import processes
+from .build import say
 
 
 class StepSource(Protocol):
@@ -70,10 +72,15 @@ def json_safe(record: dict) -> dict:
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard). On resume, records past the restored step are dropped."""
+    """metrics.jsonl (+ TensorBoard). On resume, records past the restored step are dropped.
+    Only process 0 writes (`enabled`); the others' logs are no-ops."""
 
-    def __init__(self, out: Path, tensorboard: bool, resume_step: Optional[int]):
+    def __init__(self, out: Path, tensorboard: bool, resume_step: Optional[int],
+                 enabled: bool = True):
         self.path = out / "metrics.jsonl"
+        self._file = self._tb = None
+        if not enabled:
+            return
         if resume_step is not None and self.path.exists():
             keep = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
@@ -87,6 +94,8 @@ class MetricsLog:
             self._tb = SummaryWriter(str(out / "tb"))
 
     def write(self, record: dict) -> None:
+        if self._file is None:
+            return
         self._file.write(json.dumps(json_safe(record)) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -95,7 +104,8 @@ class MetricsLog:
                     self._tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -191,24 +201,24 @@ class Trainer:
         latest = self.manager.latest_step()
         if resume and latest is not None:
             start = self.restore(latest)
-            print(f"resumed from {self.out / 'checkpoints'} at step {start}", file=sys.stderr)
+            say(f"resumed from {self.out / 'checkpoints'} at step {start}")
             return start
         if latest is not None:
             raise RunConfigError(
                 f"{self.out}: already holds checkpoints (latest step {latest}); pass --resume "
                 "to continue that run or choose a new output.dir")
         if resume:
-            print(f"--resume: no checkpoint in {self.out / 'checkpoints'}; starting at step 0",
-                  file=sys.stderr)
+            say(f"--resume: no checkpoint in {self.out / 'checkpoints'}; starting at step 0")
         return 0
 
     # ------------------------------------------------------------------ main loop
     def train(self, resume: bool = False) -> int:
         """Run to `total_steps` (or the end of the data). Returns the last completed step."""
         start = self._start(resume)
-        log = MetricsLog(self.out, self.run.output.tensorboard, start if resume else None)
+        lead = processes.is_lead()
+        log = MetricsLog(self.out, self.run.output.tensorboard, start if resume else None, lead)
         bar = None
-        if self.run.output.progress:
+        if self.run.output.progress and lead:
             from tqdm import tqdm
             bar = tqdm(total=self.total_steps, initial=start, dynamic_ncols=True,
                        desc=self.desc, file=sys.stderr)
@@ -237,7 +247,7 @@ class Trainer:
                     self.save(step)
                 if stop:
                     name = signal.Signals(self.stop_signal).name
-                    print(f"\n{name}: saved checkpoint at step {step}; exiting", file=sys.stderr)
+                    say(f"\n{name}: saved checkpoint at step {step}; exiting")
                     break
             if pending is not None:
                 self._record(pending, log, bar)
@@ -270,7 +280,7 @@ class Trainer:
                     f"applied and the run stops; {where}. Set train.on_nonfinite=skip to skip "
                     "such steps instead.")
             self.skipped_steps += 1
-            print(f"\nstep {step}: non-finite ({detail}); update skipped", file=sys.stderr)
+            say(f"\nstep {step}: non-finite ({detail}); update skipped")
             m["skipped"] = 1.0
         if "tokens" in m:
             m["tokens_per_s"] = m["tokens"] / dt if dt > 0 else 0.0

@@ -128,7 +128,7 @@ def chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None, kv_i
                 jnp.min(ks_blk) <= seg_hi)
 
             def update(carry):
-                m, l, acc = carry
+                m, denom, acc = carry
                 s = jnp.einsum("btkgd,bskd->bkgts", q_blk, k_blk,
                                preferred_element_type=jnp.float32) * scale
                 mask = ((qs_blk[:, :, None] == ks_blk[:, None, :])
@@ -138,15 +138,15 @@ def chunked_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None, kv_i
                 m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
                 p = jnp.exp(s - m_safe[..., None])
                 corr = jnp.exp(jnp.where(jnp.isfinite(m), m - m_safe, -jnp.inf))
-                l_new = l * corr + jnp.sum(p, axis=-1)
+                denom_new = denom * corr + jnp.sum(p, axis=-1)
                 pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(v_blk.dtype), v_blk,
                                 preferred_element_type=jnp.float32)
-                return m_new, l_new, acc * corr[..., None] + pv
+                return m_new, denom_new, acc * corr[..., None] + pv
 
             return lax.cond(visible, update, lambda c: c, carry), None
 
-        (m, l, acc), _ = lax.scan(body, init, (k_blocks, v_blocks, ks_blocks, ki_blocks))
-        out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B, nKV, g, bq, hd]
+        (m, denom, acc), _ = lax.scan(body, init, (k_blocks, v_blocks, ks_blocks, ki_blocks))
+        out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]  # [B, nKV, g, bq, hd]
         return jnp.moveaxis(out, 3, 1).astype(q.dtype)  # [B, bq, nKV, g, hd]
 
     outs = lax.map(one_q_block, (blocks(qp, nq, bq), blocks(qs, nq, bq), blocks(qi, nq, bq)))

@@ -43,8 +43,8 @@ def _use_interpret(interpret: bool) -> bool:
             return True
         raise RuntimeError(
             "attention='gpu'/'tpu' runs Pallas kernels that need an accelerator; on CPU set "
-            "phi_reason.model.attention_kernels.INTERPRET = True (or PHI_REASON_PALLAS_INTERPRET=1) "
-            "to run them in the (slow) Pallas interpreter, or use attention='auto'")
+            "phi_reason.model.attention_kernels.INTERPRET = True (or PHI_REASON_PALLAS_INTERPRET=1)"
+            " to run them in the (slow) Pallas interpreter, or use attention='auto'")
     return False
 
 
@@ -183,7 +183,10 @@ def tpu_attention(q, k, v, q_segment_ids, kv_segment_ids, q_index=None, kv_index
     kernel = _splash_kernel(nh, t_pad, SPLASH_BLOCK, interpret)
     # Splash has no scale argument: fold it into q (in float32, then back to the compute dtype).
     qs = (q.astype(jnp.float32) * scale).astype(q.dtype)
-    heads_major = lambda x: jnp.swapaxes(_pad_sequence(x, t_pad), 1, 2)  # [B, heads, T, hd]
+
+    def heads_major(x):  # [B, heads, T, hd]
+        return jnp.swapaxes(_pad_sequence(x, t_pad), 1, 2)
+
     qseg = _pad_sequence(q_segment_ids.astype(jnp.int32), t_pad, _PAD_SEGMENT)
     kvseg = _pad_sequence(kv_segment_ids.astype(jnp.int32), t_pad, _PAD_SEGMENT)
     out = jax.vmap(lambda q1, k1, v1, qs1, ks1: kernel(

@@ -225,7 +225,8 @@ class ModelConfig:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
         mt = d.get("model_type")
         if mt is not None and mt != "phi3":
-            raise ConfigError(f"{where}: model_type is {mt!r}; phi-reason supports phi3 (Phi-4 family)")
+            raise ConfigError(f"{where}: model_type is {mt!r}; "
+                              "phi-reason supports phi3 (Phi-4 family)")
         archs = d.get("architectures")
         if archs and "Phi3ForCausalLM" not in archs:
             raise ConfigError(f"{where}: architectures {archs} do not include Phi3ForCausalLM")
@@ -325,7 +326,8 @@ PRESETS = {
                         "pad_token_id": 100349},
     "phi-4-mini": _PHI4_MINI,
     "phi-4-mini-reasoning": dict(_PHI4_MINI),
-    # Tiny test/demo model: phi-4-mini's features (partial rotary, tied, LongRoPE, GQA 2) at toy size.
+    # Tiny test/demo model: phi-4-mini's features (partial rotary, tied, LongRoPE, GQA 2) at toy
+    # size.
     "tiny": dict(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16,

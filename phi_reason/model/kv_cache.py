@@ -1,4 +1,5 @@
-"""A static KV cache and the decoder run over it: prefill of whole prompts, then one token at a time.
+"""A static KV cache and the decoder run over it: prefill of whole prompts, then one token at a
+time.
 
 The per-layer math is the decoder's own (`attention_inputs`, `layer_output`, `embed_tokens`,
 `logits_from_hidden`); this module only decides where keys and values live:

@@ -50,7 +50,7 @@ class ParamSpec:
 
 
 def param_specs(cfg: ModelConfig) -> Dict[Tuple[str, ...], ParamSpec]:
-    V, H, I, L = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    V, H, FF, L = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     nH, nKV, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     q, kv = nH * hd, nKV * hd
     attn, mlp = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
@@ -68,11 +68,11 @@ def param_specs(cfg: ModelConfig) -> Dict[Tuple[str, ...], ParamSpec]:
                   "normal", attn + "o_proj.weight"),
         ParamSpec(("layers", "ln2"), (L, H), ("layers", "embed"), "ones",
                   "model.layers.{i}.post_attention_layernorm.weight"),
-        ParamSpec(("layers", "w_gate"), (L, I, H), ("layers", "mlp", "embed"), "normal",
-                  mlp + "gate_up_proj.weight", (0, I)),
-        ParamSpec(("layers", "w_up"), (L, I, H), ("layers", "mlp", "embed"), "normal",
-                  mlp + "gate_up_proj.weight", (I, 2 * I)),
-        ParamSpec(("layers", "w_down"), (L, H, I), ("layers", "embed", "mlp"), "normal",
+        ParamSpec(("layers", "w_gate"), (L, FF, H), ("layers", "mlp", "embed"), "normal",
+                  mlp + "gate_up_proj.weight", (0, FF)),
+        ParamSpec(("layers", "w_up"), (L, FF, H), ("layers", "mlp", "embed"), "normal",
+                  mlp + "gate_up_proj.weight", (FF, 2 * FF)),
+        ParamSpec(("layers", "w_down"), (L, H, FF), ("layers", "embed", "mlp"), "normal",
                   mlp + "down_proj.weight"),
         ParamSpec(("final_norm",), (H,), ("embed",), "ones", "model.norm.weight"),
     ]

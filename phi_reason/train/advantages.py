@@ -34,12 +34,14 @@ def _scale_mode(scale_rewards) -> str:
     if scale_rewards is False or scale_rewards is None:
         return "none"
     if scale_rewards not in SCALE_MODES:
-        raise ValueError(f"scale_rewards must be one of {SCALE_MODES} or a bool, got {scale_rewards!r}")
+        raise ValueError(f"scale_rewards must be one of {SCALE_MODES} or a bool, "
+                         f"got {scale_rewards!r}")
     return scale_rewards
 
 
 @register_advantage("grpo")
-def grpo_advantages(rewards, *, scale_rewards="group", eps: float = 1e-4, ddof: int = 1) -> np.ndarray:
+def grpo_advantages(rewards, *, scale_rewards="group", eps: float = 1e-4, ddof: int = 1
+                    ) -> np.ndarray:
     """GRPO: A = (r - mean_group) / (std + eps). `ddof=1` (unbiased std) matches TRL, which uses
     torch's default std; "batch" scales by the std of all rewards; "none" is Dr. GRPO's choice."""
     r = _as_groups(rewards)

@@ -1,4 +1,5 @@
-"""The policy's token log-probs, and sampling it at a temperature without recompiling the sampler."""
+"""The policy's token log-probs, and sampling it at a temperature without recompiling the
+sampler."""
 from __future__ import annotations
 
 from typing import Callable

@@ -75,7 +75,8 @@ def phi4_plus_length_reward(c: Completion, *, l_max: int = 31744, l_pos_control:
                             open_tag: str = "<think>", close_tag: str = "</think>") -> float:
     """Phi-4-reasoning-plus length-aware accuracy reward.
 
-    correct: r = min(1, max(L - l_pos_control, 0) / (l_max - l_pos_control)), R = 0.5 + 0.25(1 + cos pi r)
+    correct: r = min(1, max(L - l_pos_control, 0) / (l_max - l_pos_control)),
+             R = 0.5 + 0.25(1 + cos pi r)
       (1.0 up to 25,600 tokens, then falling to 0.5 at 31,744: long correct answers are tolerated);
     wrong:   r = min(1, L / l_neg_control), R = -0.5 - 0.25(1 + cos pi r)
       (-1.0 at L = 0 rising to -0.5 from 3,702 tokens: a wrong answer should at least think longer);
@@ -98,11 +99,11 @@ def repetition_penalty(text: str, n: int = 5, min_count: int = 5, clip: bool = T
 
     Reading of the paper's formula (documented choice): words are whitespace-separated tokens;
     `total` = number of distinct n-grams; `frequent` = number of distinct n-grams that occur more
-    than `min_count` times; `max_count` = occurrences of the most frequent n-gram; `words / n` is how
-    many non-overlapping n-grams the text could hold, so the second term is the share of the text one
-    repeated n-gram covers. Overlapping occurrences can push that term above 1 (e.g. one word repeated),
-    so with `clip` the penalty is bounded to [-1, 0], the range of the accuracy term it is weighed
-    against. Texts shorter than n words have no n-grams and no penalty.
+    than `min_count` times; `max_count` = occurrences of the most frequent n-gram; `words / n` is
+    how many non-overlapping n-grams the text could hold, so the second term is the share of the
+    text one repeated n-gram covers. Overlapping occurrences can push that term above 1 (e.g. one
+    word repeated), so with `clip` the penalty is bounded to [-1, 0], the range of the accuracy term
+    it is weighed against. Texts shorter than n words have no n-grams and no penalty.
     """
     words = text.split()
     if len(words) < n:
@@ -124,8 +125,8 @@ def soft_overlong_penalty(length: int, l_max: int, l_cache: int) -> float:
     """DAPO's soft overlong punishment: 0 up to l_max - l_cache tokens, then a linear ramp to -1 at
     l_max, and -1 beyond."""
     if l_cache <= 0 or l_cache > l_max:
-        raise ValueError(f"soft overlong penalty needs 0 < l_cache <= l_max, got l_cache={l_cache}, "
-                         f"l_max={l_max}")
+        raise ValueError("soft overlong penalty needs 0 < l_cache <= l_max, "
+                         f"got l_cache={l_cache}, l_max={l_max}")
     threshold = l_max - l_cache
     if length <= threshold:
         return 0.0
@@ -149,15 +150,19 @@ class RewardSpec:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "rewards") -> "RewardSpec":
         if not isinstance(d, Mapping) or "name" not in d:
-            raise ValueError(f"{where}: each reward needs a 'name' (one of {sorted(REWARDS)}), got {d!r}")
+            raise ValueError(f"{where}: each reward needs a 'name' (one of {sorted(REWARDS)}), "
+                             f"got {d!r}")
         unknown = set(d) - {"name", "weight", "kwargs"}
         if unknown:
-            raise ValueError(f"{where}: unknown keys {sorted(unknown)} (allowed: name, weight, kwargs)")
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)} "
+                             "(allowed: name, weight, kwargs)")
         return cls(str(d["name"]), float(d.get("weight", 1.0)), dict(d.get("kwargs") or {}))
 
 
-def make_reward_fn(specs: Sequence[RewardSpec | Mapping[str, Any]]) -> Callable[[Completion], float]:
-    """Weighted sum of registered rewards. Unknown names and bad constants fail here, not mid-run."""
+def make_reward_fn(specs: Sequence[RewardSpec | Mapping[str, Any]]
+                   ) -> Callable[[Completion], float]:
+    """Weighted sum of registered rewards. Unknown names and bad constants fail here, not
+    mid-run."""
     resolved = [s if isinstance(s, RewardSpec) else RewardSpec.from_dict(s, f"rewards[{i}]")
                 for i, s in enumerate(specs)]
     if not resolved:

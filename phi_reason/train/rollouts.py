@@ -48,8 +48,8 @@ def score_groups(prompts: Sequence[Prompt], tokens, logprobs, finish_reasons, te
                  group_size: int, reward_fn: Callable[[Completion], float]) -> list:
     """Per-row sampler outputs (prompt-major: rows i*G .. i*G+G-1 belong to prompt i) -> Groups."""
     n = len(prompts) * group_size
-    for name, seq in (("tokens", tokens), ("logprobs", logprobs), ("finish_reasons", finish_reasons),
-                      ("texts", texts), ("correct", correct)):
+    for name, seq in (("tokens", tokens), ("logprobs", logprobs),
+                      ("finish_reasons", finish_reasons), ("texts", texts), ("correct", correct)):
         if len(seq) != n:
             raise ValueError(f"{name}: expected {n} rows ({len(prompts)} prompts x {group_size}), "
                              f"got {len(seq)}")
@@ -75,14 +75,16 @@ def pad_length(longest: int, multiple: int, cap: Optional[int] = None) -> int:
 
 
 def build_pg_batch(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                   advantages, length: int, old_logprobs: Optional[Sequence[Sequence[float]]] = None,
+                   advantages, length: int,
+                   old_logprobs: Optional[Sequence[Sequence[float]]] = None,
                    pad_id: int = 0) -> dict:
     """Policy-gradient batch (CONTRACTS.md): each row is prompt + completion, left-aligned, padded
     to `length`. loss_mask = 1 on completion tokens; old_logprobs[b, t] is the log-prob of token t
     (zeros where not given or not a completion token)."""
     b = len(prompt_ids)
     if len(completions) != b or len(advantages) != b:
-        raise ValueError(f"{b} prompts, {len(completions)} completions, {len(advantages)} advantages")
+        raise ValueError(f"{b} prompts, {len(completions)} completions, "
+                         f"{len(advantages)} advantages")
     tokens = np.full((b, length), pad_id, np.int32)
     positions = np.zeros((b, length), np.int32)
     segment_ids = np.zeros((b, length), np.int32)
@@ -91,7 +93,8 @@ def build_pg_batch(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Se
     for i, (p, c) in enumerate(zip(prompt_ids, completions)):
         n = len(p) + len(c)
         if n > length:
-            raise ValueError(f"row {i}: prompt {len(p)} + completion {len(c)} tokens > length {length}")
+            raise ValueError(f"row {i}: prompt {len(p)} + completion {len(c)} tokens "
+                             f"> length {length}")
         tokens[i, :n] = list(p) + list(c)
         positions[i, :n] = np.arange(n)
         segment_ids[i, :n] = 1

@@ -18,7 +18,8 @@ class TemperatureSchedule:
 
     def __post_init__(self):
         if self.kind not in ("linear", "cosine"):
-            raise ValueError(f"temperature schedule kind must be 'linear' or 'cosine', got {self.kind!r}")
+            raise ValueError("temperature schedule kind must be 'linear' or 'cosine', "
+                             f"got {self.kind!r}")
         if self.anneal_steps < 0:
             raise ValueError(f"anneal_steps must be >= 0, got {self.anneal_steps}")
         if self.start < 0 or self.end < 0:

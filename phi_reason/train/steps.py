@@ -157,14 +157,18 @@ def make_dpo_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
 
 def make_reference_logps_fn(cfg: ModelConfig, mesh=None) -> Callable:
     """Jitted `(ref_params, dpo_batch) -> (chosen_sums [B], rejected_sums [B])`: the one pass
-    over the data that replaces a resident reference model."""
+    over the data that replaces a resident reference model. On a mesh the sums come back
+    replicated (B floats): every process can read the whole global batch's values."""
     constrain = _constraint(mesh)
 
     def fn(params, batch):
         c_sum, _, r_sum, _ = _pair_logps(params, cfg, batch, constrain)
         return c_sum, r_sum
 
-    return jax.jit(fn)
+    if mesh is None:
+        return jax.jit(fn)
+    from ..sharding.rules import replicated
+    return jax.jit(fn, out_shardings=(replicated(mesh), replicated(mesh)))
 
 
 # --------------------------------------------------------------------------- policy gradient
