@@ -24,7 +24,7 @@ def random_hf_model(cfg: ModelConfig, seed: int = 0) -> Phi3ForCausalLM:
 def params_from_hf(model: Phi3ForCausalLM, cfg: ModelConfig) -> dict:
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     H, nH, nKV, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    I, L = cfg.intermediate_size, cfg.num_hidden_layers
+    FF, L = cfg.intermediate_size, cfg.num_hidden_layers
     q_rows, kv_rows = nH * hd, nKV * hd
 
     def stack(fn):
@@ -46,8 +46,8 @@ def params_from_hf(model: Phi3ForCausalLM, cfg: ModelConfig) -> dict:
             "wk": stack(lambda p: qkv(p)[q_rows:q_rows + kv_rows].reshape(nKV, hd, H)),
             "wv": stack(lambda p: qkv(p)[q_rows + kv_rows:].reshape(nKV, hd, H)),
             "wo": stack(lambda p: sd[p + "self_attn.o_proj.weight"].reshape(H, nH, hd)),
-            "w_gate": stack(lambda p: gate_up(p)[:I]),
-            "w_up": stack(lambda p: gate_up(p)[I:]),
+            "w_gate": stack(lambda p: gate_up(p)[:FF]),
+            "w_up": stack(lambda p: gate_up(p)[FF:]),
             "w_down": stack(lambda p: sd[p + "mlp.down_proj.weight"]),
         },
     }

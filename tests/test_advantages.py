@@ -38,7 +38,8 @@ def test_grpo_batch_and_none_and_eps(rewards):
                                centred / (batch_std + 1e-4), rtol=1e-12)
     np.testing.assert_allclose(compute_advantages("grpo", rewards, scale_rewards=False), centred)
     got = compute_advantages("grpo", rewards, eps=0.5, ddof=0)
-    np.testing.assert_allclose(got, centred / (rewards.std(axis=1, keepdims=True) + 0.5), rtol=1e-12)
+    np.testing.assert_allclose(got, centred / (rewards.std(axis=1, keepdims=True) + 0.5),
+                               rtol=1e-12)
     with pytest.raises(ValueError, match="scale_rewards"):
         compute_advantages("grpo", rewards, scale_rewards="grop")
 
@@ -86,7 +87,8 @@ def test_dynamic_sampling_never_keeps_zero_variance_group():
 def test_pass_rate_filter():
     c = np.array([[1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 0, 0]], bool)
     np.testing.assert_array_equal(pass_rate_keep(c), [False, False, True, True, True])
-    np.testing.assert_array_equal(pass_rate_keep(c, max_pass=0.5), [False, False, True, False, True])
+    np.testing.assert_array_equal(pass_rate_keep(c, max_pass=0.5),
+                                  [False, False, True, False, True])
     np.testing.assert_array_equal(pass_rate_keep(c, keep_all_wrong=True),
                                   [False, True, True, True, True])
 
@@ -95,7 +97,8 @@ def test_temperature_schedule():
     s = TemperatureSchedule(1.0, 0.6, anneal_steps=10)
     assert [s(k) for k in (0, 5, 10, 50)] == pytest.approx([1.0, 0.8, 0.6, 0.6])
     c = TemperatureSchedule(1.0, 0.6, anneal_steps=10, kind="cosine")
-    assert c(5) == pytest.approx(0.8) and c(2) == pytest.approx(1.0 - 0.4 * 0.5 * (1 - np.cos(0.2 * np.pi)))
+    assert (c(5) == pytest.approx(0.8)
+            and c(2) == pytest.approx(1.0 - 0.4 * 0.5 * (1 - np.cos(0.2 * np.pi))))
     assert TemperatureSchedule(0.7)(100) == 0.7
     with pytest.raises(ValueError, match="kind"):
         TemperatureSchedule(kind="exp")

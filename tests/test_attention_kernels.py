@@ -23,7 +23,9 @@ def inputs():
 
 
 def _value_and_grads(fn, q, k, v, w):
-    loss = lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v) * w)
+
     out = fn(q, k, v)
     return out, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
@@ -45,14 +47,20 @@ def _assert_matches(got, want, rows=slice(None)):
 @pytest.mark.parametrize("bwd_block", [None, 16])  # default tile; several backward tiles
 def test_triton_kernel_matches_reference(inputs, reference, bwd_block):
     q, k, v, seg, w = inputs
-    fn = lambda q, k, v: ak.gpu_attention(q, k, v, seg, seg, scale=SCALE, interpret=True,
-                                          variant="triton", triton_bwd_block=bwd_block)
+
+    def fn(q, k, v):
+        return ak.gpu_attention(q, k, v, seg, seg, scale=SCALE, interpret=True,
+                                variant="triton", triton_bwd_block=bwd_block)
+
     _assert_matches(_value_and_grads(jax.jit(fn), q, k, v, w), reference)
 
 
 def test_splash_kernel_matches_reference(inputs, reference):
     q, k, v, seg, w = inputs
-    fn = lambda q, k, v: ak.tpu_attention(q, k, v, seg, seg, scale=SCALE, interpret=True)
+
+    def fn(q, k, v):
+        return ak.tpu_attention(q, k, v, seg, seg, scale=SCALE, interpret=True)
+
     _assert_matches(_value_and_grads(jax.jit(fn), q, k, v, w), reference)
 
 

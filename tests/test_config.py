@@ -32,7 +32,8 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize("text,overrides,message", [
     ("train:\n  lrr: 1.0e-5\n", [], r"unknown key 'train.lrr'; did you mean 'train.lr'\?"),
     ("trian:\n  lr: 1.0e-5\n", [], r"unknown key 'trian'; did you mean 'train'\?"),
-    ("", ["train.dpo.betaa=0.1"], r"unknown key 'train.dpo.betaa'; did you mean 'train.dpo.beta'\?"),
+    ("", ["train.dpo.betaa=0.1"],
+     r"unknown key 'train.dpo.betaa'; did you mean 'train.dpo.beta'\?"),
     ("", ["data.seqlen=128"], r"unknown key 'data.seqlen'; did you mean 'data.seq_len'\?"),
     ("", ["train.zzz=1"], r"unknown key 'train.zzz'; valid keys: train.steps"),
 ])

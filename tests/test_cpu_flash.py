@@ -48,7 +48,9 @@ def test_value_and_gradient_match_reference(t, nh, nkv, hd):
     w = jnp.asarray(np.random.RandomState(t).randn(*q.shape), jnp.float32)
 
     def value_and_grads(fn):
-        loss = lambda q, k, v: jnp.sum(fn(q, k, v, seg, seg) * w)
+        def loss(q, k, v):
+            return jnp.sum(fn(q, k, v, seg, seg) * w)
+
         return jax.jit(lambda q, k, v: (fn(q, k, v, seg, seg),
                                         jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
 
@@ -124,7 +126,9 @@ def test_save_dots_attn_keeps_the_kernel_residuals():
 
     q, k, v = qkv(64)
     seg = jnp.ones((2, 64), jnp.int32)
-    loss = lambda q, k, v: jnp.sum(jnp.sin(cpu_flash.flash_attention(q * 2.0, k, v, seg, seg)))
+
+    def loss(q, k, v):
+        return jnp.sum(jnp.sin(cpu_flash.flash_attention(q * 2.0, k, v, seg, seg)))
 
     def saved_shapes(policy):  # one "f32[2,4,64] output of ..." line per residual
         text = io.StringIO()
@@ -150,10 +154,18 @@ def test_batch_sharded_call_runs_per_device_without_gathering():
     mesh = Mesh(np.array(devices[:4]), ("data",))
     q, k, v = qkv(40, batch=4, seed=9)
     seg = jnp.asarray(np.concatenate([packed_segments(40)] * 2))
-    loss = lambda fn: (lambda q, k, v, s: jnp.sum(jnp.sin(fn(q, k, v, s, s))))
-    grad_fn = lambda fn: jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))
+
+    def loss(fn):
+        return lambda q, k, v, s: jnp.sum(jnp.sin(fn(q, k, v, s, s)))
+
+    def grad_fn(fn):
+        return jax.jit(jax.grad(loss(fn), argnums=(0, 1, 2)))
+
     want = grad_fn(reference_attention)(q, k, v, seg)
-    put = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+
+    def put(x):
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+
     args = [put(x) for x in (q, k, v, seg)]
     sharded = grad_fn(cpu_flash.flash_attention)
     got = sharded(*args)

@@ -18,7 +18,8 @@ def _random_examples(rng, n, max_len):
         prompt = int(rng.integers(0, length))
         tokens = rng.integers(1, 500, size=length).astype(np.int32)
         tokens[0] = 1000 + i  # unique first token identifies the example
-        out.append({"tokens": tokens, "loss_mask": np.r_[np.zeros(prompt), np.ones(length - prompt)].astype(np.int32)})
+        loss_mask = np.r_[np.zeros(prompt), np.ones(length - prompt)].astype(np.int32)
+        out.append({"tokens": tokens, "loss_mask": loss_mask})
     return out
 
 
@@ -52,7 +53,8 @@ def _segments(batches):
                 where = np.flatnonzero(seg == s)
                 assert np.all(np.diff(where) == 1), "a segment is one contiguous span"
                 tok = batch["tokens"][r, where]
-                found[int(tok[0])] = (b, r, tok, batch["loss_mask"][r, where], batch["positions"][r, where])
+                found[int(tok[0])] = (b, r, tok, batch["loss_mask"][r, where],
+                                      batch["positions"][r, where])
     return found
 
 
@@ -98,7 +100,8 @@ def test_sft_rendered_examples_keep_prompt_unmasked():
     tok = CharTokenizer()
     examples = []
     for q, a in [("1+2=?", "3"), ("10+20=?", "30"), ("7*8=?", "56"), ("5-9=?", "-4")]:
-        ids, mask = render_conversation([{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+        ids, mask = render_conversation([{"role": "user", "content": q},
+                                         {"role": "assistant", "content": a}],
                                         tok, "plain")
         examples.append({"tokens": np.array(ids, np.int32), "loss_mask": np.array(mask, np.int32)})
     (batch,) = pack_first_fit(examples, rows=2, seq_len=20, pad_id=tok.pad_id)
@@ -125,11 +128,13 @@ def test_pad_rows():
 
 
 def test_length_policy():
-    ex = {"tokens": np.arange(10, dtype=np.int32), "loss_mask": np.ones(10, np.int32), "answer": "x"}
+    ex = {"tokens": np.arange(10, dtype=np.int32), "loss_mask": np.ones(10, np.int32),
+          "answer": "x"}
     same, event = apply_length_policy(ex, 10, "drop")
     assert same is ex and event is None
     cut, event = apply_length_policy(ex, 4, "truncate")
-    assert event == "truncated" and list(cut["tokens"]) == [0, 1, 2, 3] and len(cut["loss_mask"]) == 4
+    assert (event == "truncated" and list(cut["tokens"]) == [0, 1, 2, 3]
+            and len(cut["loss_mask"]) == 4)
     assert cut["answer"] == "x"
     assert apply_length_policy(ex, 4, "drop") == (None, "dropped")
     with pytest.raises(ValueError, match="'truncate' or 'drop'"):

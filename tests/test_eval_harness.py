@@ -31,12 +31,14 @@ def test_load_real_benchmarks(shared_math_dir):
     assert loaded["amc23"][0]["answer"] == "27"          # float 27.0 in the file
     assert loaded["aime25"][0]["answer"] == "70"
     raw = json.loads((shared_math_dir / "olympiadbench.jsonl").open().readline())
-    assert loaded["olympiadbench"][0]["answer"] == ", ".join(a.strip("$") for a in raw["final_answer"])
+    assert (loaded["olympiadbench"][0]["answer"]
+            == ", ".join(a.strip("$") for a in raw["final_answer"]))
 
 
 def test_load_errors_name_file_and_row(tmp_path):
     f = tmp_path / "b.jsonl"
-    f.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n" + json.dumps({"problem": "x"}) + "\n")
+    f.write_text(json.dumps({"problem": "1+1?", "answer": "2"}) + "\n"
+                 + json.dumps({"problem": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"b\.jsonl: row 2: missing key 'answer'"):
         load_benchmark("math500", f)
     f.write_text('{"problem": "1+1?", "answer": "2"}\n{not json\n')
@@ -56,11 +58,13 @@ def test_load_parquet(tmp_path):
                       "unique_id": ["p0", "p1"]})
     pq.write_table(table, tmp_path / "m.parquet")
     problems = load_benchmark("math500", tmp_path / "m.parquet")
-    assert [(p["id"], p["answer"], p["level"]) for p in problems] == [("p0", "42", 1), ("p1", "2", 2)]
+    assert ([(p["id"], p["answer"], p["level"]) for p in problems]
+            == [("p0", "42", 1), ("p1", "2", 2)])
 
 
 PROBLEMS = [
-    {"id": "p0", "problem": "What is 1/2 + 0?", "answer": "\\frac{1}{2}", "subject": "Algebra", "level": 1},
+    {"id": "p0", "problem": "What is 1/2 + 0?", "answer": "\\frac{1}{2}", "subject": "Algebra",
+     "level": 1},
     {"id": "p1", "problem": "Solve x^2=4, x>0.", "answer": "2", "subject": "Algebra", "level": 2},
     {"id": "p2", "problem": "Interval?", "answer": "(3,4]", "subject": "Geometry", "level": 2},
 ]
@@ -98,7 +102,8 @@ def test_evaluate_with_injected_generator(tmp_path):
 
     lines = [json.loads(x) for x in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert len(lines) == 9
-    assert [r["correct"] for r in lines] == [True, True, False, False, False, False, True, False, True]
+    assert [r["correct"] for r in lines] == [True, True, False, False, False, False, True, False,
+                                             True]
     assert lines[0]["extracted"] == "0.5" and lines[5]["status"] == "no_answer"
     assert lines[5]["finish_reason"] == "length" and lines[0]["gold"] == "\\frac{1}{2}"
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -162,7 +167,8 @@ def test_grade_cli(tmp_path, capsys):
     graded = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(g["id"], g["correct"], g["status"]) for g in graded] == [
         (1, True, "ok"), (2, False, "no_answer"), (3, False, "no_answer")]
-    assert graded[0]["extracted"] == "\\frac{1}{2}" and graded[0]["prediction"] == rows[0]["prediction"]
+    assert (graded[0]["extracted"] == "\\frac{1}{2}"
+            and graded[0]["prediction"] == rows[0]["prediction"])
     # eval mode to stdout: the second row now has an answer (no think block needed)
     assert cli.main(["grade", "--input", str(src)]) == 0
     stdout = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
@@ -172,7 +178,8 @@ def test_grade_cli(tmp_path, capsys):
 
 def test_grade_cli_bad_input(tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text(json.dumps({"prediction": "x", "gold": "1"}) + "\n" + json.dumps({"pred": "x"}) + "\n")
+    src.write_text(json.dumps({"prediction": "x", "gold": "1"}) + "\n"
+                   + json.dumps({"pred": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"in\.jsonl:2: missing key 'prediction'"):
         cli.main(["grade", "--input", str(src), "--output", str(tmp_path / "o.jsonl")])
     assert not (tmp_path / "o.jsonl").exists()

@@ -70,7 +70,8 @@ def test_summarize_by_hand():
         {"id": "c", "subject": "Geometry", "level": 5},
     ]
     records = [
-        rec("a", True, 10), rec("a", True, 20), rec("a", False, 30, extracted="9"), rec("a", True, 40),
+        rec("a", True, 10), rec("a", True, 20), rec("a", False, 30, extracted="9"),
+        rec("a", True, 40),
         rec("b", False, 100, "length", extracted=None, status="no_answer"),
         rec("b", False, 50, extracted="1"), rec("b", True, 60), rec("b", False, 70, extracted="1"),
         rec("c", False, 5, extracted="2"), rec("c", False, 5, extracted="3"),

@@ -45,7 +45,8 @@ def reference_logprobs(params, seq, n):
 
 
 def expected_logprobs(params, prompt, generated):
-    """Per generated token: the reference log-probabilities it was drawn from (regime per length)."""
+    """Per generated token: the reference log-probabilities it was drawn from (regime per
+    length)."""
     seq = list(prompt) + list(generated)
     short = reference_logprobs(params, seq, min(len(seq), OMAX))
     long = reference_logprobs(params, seq, len(seq)) if len(seq) > OMAX else None
@@ -81,7 +82,8 @@ def test_logprobs_equal_forward_of_full_sequence(params, prompts, sampling, unro
         np.testing.assert_allclose(lps, ref[np.arange(NEW), toks], atol=1e-4, rtol=0)
         if not sampling:
             np.testing.assert_array_equal(toks, ref.argmax(-1))
-        else:  # the untempered logprob differs from the tempered one: make sure we return the former
+        else:
+            # the untempered logprob differs from the tempered one: make sure we return the former
             assert np.all(np.asarray(lps) <= 0)
 
 
@@ -171,7 +173,8 @@ def test_bad_arguments_are_named(params, kwargs, match):
 @pytest.mark.parametrize("position, regime", [(OMAX - 2, False), (OMAX + 5, True)])
 def test_decode_step_without_regime_decides_from_positions(params, position, regime):
     """use_long=None: the LongRoPE regime follows the positions as in HF's forward (short while
-    max position + 1 <= original_max); it must not be read as a bool array (an error in jax 0.11)."""
+    max position + 1 <= original_max); it must not be read as a bool array (an error in jax
+    0.11)."""
     from phi_reason.model.kv_cache import decode_step, init_cache
 
     cache = init_cache(CFG, 2, OMAX + 8)

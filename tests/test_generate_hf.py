@@ -43,7 +43,8 @@ def test_greedy_matches_transformers(family, lengths):
     ours = generate(params, cfg, prompts, NEW_TOKENS, stop_tokens=(), num_slots=2)
     for p, toks, reason in zip(prompts, ours.tokens, ours.finish_reasons):
         ref = hf_greedy(model, p, NEW_TOKENS)
-        assert len(set(ref[NEW_TOKENS // 2:])) > 8, "degenerate reference: greedy tokens barely vary"
+        assert len(set(ref[NEW_TOKENS // 2:])) > 8, \
+            "degenerate reference: greedy tokens barely vary"
         assert toks == ref, f"prompt length {len(p)}: first mismatch at " \
             f"{next(i for i, (a, b) in enumerate(zip(toks, ref)) if a != b)}"
         assert reason == "length"

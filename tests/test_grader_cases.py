@@ -1,4 +1,5 @@
-"""Hand-written grading table: equivalent forms, near misses, structures, units, boxes, think blocks.
+"""Hand-written grading table: equivalent forms, near misses, structures, units, boxes, think
+blocks.
 
 Each verdict was decided by hand from the mathematics, not by running the grader.  The table runs
 through `grade_in_process` (exactly what a sandbox worker runs) so it stays fast; the sandbox
@@ -76,7 +77,8 @@ CASES = [
     (B("[-2, 7]"), "x \\in [-2,7]", "eval", True),
     (B("(3, \\infty)\\cup(-\\infty, 2)"), "(-\\infty, 2) \\cup (3, \\infty)", "eval", True),
     (B("(-\\infty, 2] \\cup (3, \\infty)"), "(-\\infty, 2) \\cup (3, \\infty)", "eval", False),
-    (B("\\left(\\frac35, \\frac83\\right]"), "\\left(\\frac{3}{5},\\frac{8}{3}\\right]", "eval", True),
+    (B("\\left(\\frac35, \\frac83\\right]"), "\\left(\\frac{3}{5},\\frac{8}{3}\\right]",
+     "eval", True),
     # --- tuples (order matters)
     (B("(6, 31, -1)"), "(6,31,-1)", "eval", True),
     (B("(31, 6, -1)"), "(6,31,-1)", "eval", False),
@@ -89,8 +91,8 @@ CASES = [
      "\\begin{bmatrix} -1 & 0 \\\\ 0 & -1 \\end{bmatrix}", "eval", True),
     (B("\\begin{pmatrix} -1 & 0 \\\\ 0 & 1 \\end{pmatrix}"),
      "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}", "eval", False),
-    (B("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"), "\\begin{pmatrix} 1 \\\\ 2 \\\\ 0 \\end{pmatrix}",
-     "eval", False),
+    (B("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+     "\\begin{pmatrix} 1 \\\\ 2 \\\\ 0 \\end{pmatrix}", "eval", False),
     # --- degrees, percent, units, currency, thousands separators, bases, words
     (B("90"), "90^\\circ", "eval", True),
     (B("90^{\\circ}"), "90", "eval", True),

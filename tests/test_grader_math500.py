@@ -1,5 +1,6 @@
 """Every MATH-500 gold grades correct against `\\boxed{<itself>}` and incorrect against the next
-problem's gold; the 1,000 pairs go through the sandboxed pool with 2 workers (throughput printed)."""
+problem's gold; the 1,000 pairs go through the sandboxed pool with 2 workers (throughput
+printed)."""
 import json
 import time
 

@@ -1,5 +1,6 @@
 """The dependency direction (CONTRIBUTING.md): each part of the package imports only the layers
-below it. Read from the source (every import, top-level or inside a function), not from sys.modules."""
+below it. Read from the source (every import, top-level or inside a function), not from
+sys.modules."""
 import ast
 import pathlib
 

@@ -21,7 +21,8 @@ def np_targets(tokens, segment_ids, loss_mask):
     out = np.zeros((b, t))
     for i in range(b):
         for j in range(1, t):
-            if loss_mask[i, j] and segment_ids[i, j] != 0 and segment_ids[i, j] == segment_ids[i, j - 1]:
+            if (loss_mask[i, j] and segment_ids[i, j] != 0
+                    and segment_ids[i, j] == segment_ids[i, j - 1]):
                 out[i, j] = 1.0
     return out
 

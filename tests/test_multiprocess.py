@@ -72,3 +72,28 @@ def test_dpo_two_processes_equal_one(tmp_path, cache, reference):
     outs = run_both("dpo", CONFIGS / "tiny_dpo.yaml", tmp_path, cache, "train.steps=3",
                     f"train.dpo.reference={reference}", "output.save_every=2")
     assert_same_run(outs, keys=("loss", "grad_norm", "rewards/margin"))
+
+
+def test_rl_two_processes_equal_one(tmp_path, cache):
+    """Rollouts on the global mesh (every process runs the same scheduler on gathered slot state),
+    grading, advantages and updates: the same sampled tokens, rewards and losses as one process."""
+    outs = run_both("rl", CONFIGS / "tiny_rl.yaml", tmp_path, cache, "rl.steps=2",
+                    "rl.dynamic_sampling=false", "rl.eval_problems=0", "output.save_every=1")
+    one, two = metrics(outs[1]), metrics(outs[2])
+    for a, b in zip(one, two):
+        for k in ("rollout/reward_mean", "rollout/length_mean", "rollout/groups_kept"):
+            assert b[k] == a[k], (a["step"], k)  # sampled ids equal: same counts, same rewards
+    assert_same_run(outs, keys=("train/loss", "train/grad_norm"))
+
+
+def test_rollout_dpo_two_processes_write_one_file_equal_to_one(tmp_path, cache):
+    pairs = {}
+    for n, devices in ((1, 4), (2, 2)):
+        out = tmp_path / f"p{n}"
+        process_launcher.run(["rollout-dpo", CONFIGS / "tiny_rollout_dpo.yaml", "mesh.enabled=true",
+                              f"output.dir={out}", "rollout.max_prompts=6",
+                              "rollout.samples_per_prompt=4", "rollout.prompts_per_chunk=4",
+                              "rollout.max_new_tokens=16"], n, devices, cache)
+        pairs[n] = (out / "pairs.jsonl").read_text()
+        assert sorted(p.name for p in out.iterdir()) == ["pairs.jsonl", "pairs.jsonl.config.yaml"]
+    assert pairs[2] == pairs[1]

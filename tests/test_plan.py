@@ -21,14 +21,14 @@ def phi4_param_elems_per_device(fsdp, tensor):
     """Phi-4 (PHI4_FACTS: V 100352, H 5120, I 17920, L 40, 40 heads / 10 KV heads x 128) on
     (fsdp, tensor): everything with an embed dim splits over fsdp; heads, mlp and vocab over
     tensor; the 10 KV heads do not divide tensor=4 and stay replicated along it."""
-    V, H, I, L, nH, nKV, hd = 100352, 5120, 17920, 40, 40, 10, 128
+    V, H, FF, L, nH, nKV, hd = 100352, 5120, 17920, 40, 40, 10, 128
     full = fsdp * tensor
     return (V * H / full  # embed
             + H * V / full  # lm_head
             + L * H * nH * hd / full  # wq
             + 2 * L * H * nKV * hd / fsdp  # wk, wv: replicated over tensor
             + L * nH * hd * H / full  # wo
-            + 3 * L * H * I / full  # w_gate, w_up, w_down
+            + 3 * L * H * FF / full  # w_gate, w_up, w_down
             + 2 * L * H / fsdp + H / fsdp)  # ln1, ln2, final_norm
 
 
@@ -198,5 +198,6 @@ def test_save_dots_attn_adds_the_kernel_output_and_logsumexp_per_layer():
              for r in ("save_dots", "save_dots_attn")}
     out = b * t * cfg.num_attention_heads * cfg.head_dim * 2  # bf16 kernel output
     lse = b * cfg.num_attention_heads * t * 4  # float32 logsumexp per query and head
-    added = plans["save_dots_attn"].saved_activations_bytes - plans["save_dots"].saved_activations_bytes
+    added = (plans["save_dots_attn"].saved_activations_bytes
+             - plans["save_dots"].saved_activations_bytes)
     assert added == cfg.num_hidden_layers * (out + lse)

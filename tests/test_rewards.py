@@ -101,7 +101,8 @@ def test_dapo_soft_overlong(length, expected):
 def test_composite_plus_recipe_weights():
     fn = make_reward_fn(PHI4_PLUS_REWARDS)
     text = "<think> " + " ".join(_words("w", 100)) + " </think> \\boxed{1}"
-    # 103 words ("<think>", 100, "</think>", "\\boxed{1}") -> max count 1 -> R_rep = -5/103; correct at L=28672 -> 0.75.
+    # 103 words ("<think>", 100, "</think>", "\\boxed{1}") -> max count 1 -> R_rep = -5/103;
+    # correct at L=28672 -> 0.75.
     c = Completion(text, 28672, True, True)
     assert fn(c) == pytest.approx(8 / 13 * 0.75 + 1 / 13 * (-5 / 103))
     c = Completion(text, 0, True, False)
@@ -110,7 +111,8 @@ def test_composite_plus_recipe_weights():
 
 def test_composite_from_dicts_and_errors():
     fn = make_reward_fn([{"name": "binary", "weight": 2.0},
-                         {"name": "dapo_overlong", "weight": 1.0, "kwargs": {"l_max": 20, "l_cache": 4}}])
+                         {"name": "dapo_overlong", "weight": 1.0,
+                          "kwargs": {"l_max": 20, "l_cache": 4}}])
     assert fn(Completion("", 18, True, True)) == pytest.approx(2.0 - 0.5)
     with pytest.raises(ValueError, match="unknown reward 'binery'"):
         make_reward_fn([RewardSpec("binery")])

@@ -90,8 +90,9 @@ def _config(tmp_path, name, *extra):
 
 
 def _held_out_accuracy(task, params):
-    return evaluate_policy(params, task["cfg"], task["tok"], task["held"], stop_ids(FMT, task["tok"]),
-                           task["pool"], max_new_tokens=16, num_slots=64)["eval/accuracy"]
+    return evaluate_policy(params, task["cfg"], task["tok"], task["held"],
+                           stop_ids(FMT, task["tok"]), task["pool"], max_new_tokens=16,
+                           num_slots=64)["eval/accuracy"]
 
 
 def _copy(params):
@@ -104,8 +105,8 @@ def test_rl_raises_held_out_accuracy(task, tmp_path):
     runs = {}
     for name, lr in (("rl", "1e-3"), ("no_update", "0.0")):
         run = _config(tmp_path, name, f"train.lr={lr}")
-        runs[name] = train_rl(run, model=(task["cfg"], _copy(task["params"])), tokenizer=task["tok"],
-                              prompts=task["train"])
+        runs[name] = train_rl(run, model=(task["cfg"], _copy(task["params"])),
+                              tokenizer=task["tok"], prompts=task["train"])
     after = {k: _held_out_accuracy(task, r.params) for k, r in runs.items()}
     print(f"held-out greedy accuracy: before {before:.3f}, after {after}")
     # Same steps, same seeds, no updates: the policy and its held-out accuracy are unchanged.
@@ -120,7 +121,8 @@ def test_rl_raises_held_out_accuracy(task, tmp_path):
                 "rollout/length_incorrect", "rollout/truncation_rate", "rollout/groups_kept",
                 "train/entropy", "train/clip_fraction", "time/rollout_s", "time/update_s"):
         assert key in hist[0], key
-    records = [json.loads(line) for line in (runs["rl"].out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line)
+               for line in (runs["rl"].out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 17))
     assert (runs["rl"].out / "final").is_dir()
 
@@ -156,12 +158,14 @@ def test_rl_checkpoint_resume_matches_uninterrupted(task, tmp_path):
     assert part.steps == 2 and not (part.out / "final").exists()
     resumed = go("resumed", resume=True)
     assert resumed.steps == 4
-    for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(resumed.params)):
+    for a, b in zip(jax.tree_util.tree_leaves(full.params),
+                    jax.tree_util.tree_leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     def records(result):
         lines = (result.out / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in lines]
+        return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")}
+                for x in lines]
 
     # Same prompts drawn, same temperatures (annealing 1.0 -> 0.5 continues where it stopped),
     # same rewards and losses: the resumed log equals the uninterrupted one.
@@ -200,7 +204,8 @@ def test_rollout_dpo_pairs_are_correct_vs_incorrect(task, tmp_path):
     # The file is what `phi-reason dpo` reads.
     assert len(load_records(str(out), "dpo")) == len(lines)
     with pytest.raises(Exception, match="already exists"):
-        rollout_dpo(run, model=(task["cfg"], task["params"]), tokenizer=task["tok"], prompts=prompts)
+        rollout_dpo(run, model=(task["cfg"], task["params"]), tokenizer=task["tok"],
+                    prompts=prompts)
 
 
 def test_kl_to_frozen_reference_when_beta_positive(task, tmp_path):
@@ -215,5 +220,6 @@ def test_kl_to_frozen_reference_when_beta_positive(task, tmp_path):
     moved = [np.abs(np.asarray(a) - np.asarray(b)).max() for a, b in zip(
         jax.tree_util.tree_leaves(loop.state.params), jax.tree_util.tree_leaves(task["params"]))]
     assert max(moved) > 0
-    for a, b in zip(jax.tree_util.tree_leaves(loop.ref_params), jax.tree_util.tree_leaves(task["params"])):
+    for a, b in zip(jax.tree_util.tree_leaves(loop.ref_params),
+                    jax.tree_util.tree_leaves(task["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

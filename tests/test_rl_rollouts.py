@@ -29,10 +29,12 @@ def test_score_groups_prompt_major():
 def test_build_pg_batch_layout():
     batch = build_pg_batch([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], [0.5, -1.0], length=8,
                            old_logprobs=[[-0.5, -0.6], [-0.7, -0.8, -0.9]], pad_id=0)
-    np.testing.assert_array_equal(batch["tokens"], [[1, 2, 3, 5, 6, 0, 0, 0], [4, 7, 8, 9, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["tokens"], [[1, 2, 3, 5, 6, 0, 0, 0],
+                                                    [4, 7, 8, 9, 0, 0, 0, 0]])
     np.testing.assert_array_equal(batch["positions"][0], [0, 1, 2, 3, 4, 0, 0, 0])
     np.testing.assert_array_equal(batch["segment_ids"][1], [1, 1, 1, 1, 0, 0, 0, 0])
-    np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 0, 1, 1, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(batch["loss_mask"], [[0, 0, 0, 1, 1, 0, 0, 0],
+                                                       [0, 1, 1, 1, 0, 0, 0, 0]])
     np.testing.assert_allclose(batch["old_logprobs"][0], [0, 0, 0, -0.5, -0.6, 0, 0, 0])
     np.testing.assert_allclose(batch["old_logprobs"][1], [0, -0.7, -0.8, -0.9, 0, 0, 0, 0])
     np.testing.assert_allclose(batch["advantages"], [0.5, -1.0])

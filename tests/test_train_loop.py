@@ -168,8 +168,8 @@ def test_nonfinite_loss_stops_naming_the_step_and_checkpoint_restores(runs, addi
     cfg, params = build.build_model(run)
     tc = run.train
     data, _ = build.build_data(run, "sft")
-    trainer = Trainer(run, cfg, BatchSteps(build.new_train_state(cfg, tc, params, None), None, data),
-                      30)
+    trainer = Trainer(run, cfg,
+                      BatchSteps(build.new_train_state(cfg, tc, params, None), None, data), 30)
     assert trainer.restore() == 10 and int(trainer.state.step) == 10
     got = jax.tree_util.tree_map(np.asarray, trainer.state.params)
     ref_run = load_run_config(TINY_SFT, overrides(addition_file, runs["ref_dir"]))

@@ -215,6 +215,19 @@ def _state_sharding(mesh, cfg: ModelConfig, per_layer: bool = False):
                      NamedSharding(mesh, P(b, None)), rows, rows, rows, rows, rows, rows, rows)
 
 
+def _host_reader(mesh):
+    """`read(*arrays) -> numpy arrays` of slot-state fields for the host scheduler. Under several
+    processes each holds only its rows, so the fields are all-gathered (replicated) first; every
+    process then runs the same scheduling decisions on the same values."""
+    from ..sharding import processes
+    if mesh is None or processes.process_count() == 1:
+        return lambda *xs: tuple(map(np.asarray, jax.device_get(xs)))
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+    gather = jax.jit(lambda xs: xs, out_shardings=NamedSharding(mesh, P()))
+    return lambda *xs: tuple(map(np.asarray, jax.device_get(gather(xs))))
+
+
 def _place_params(params, cfg: ModelConfig, mesh):
     """Parameters already laid out on `mesh` (e.g. the trainer's live ones) are used as they are;
     otherwise they are placed by the project's sharding rules (heads / MLP / vocab over tensor,
@@ -315,12 +328,13 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                 on_tokens(i, new)
 
     omax = cfg.original_max_position_embeddings
+    read = _host_reader(mesh)
     while True:
-        done, length, stopped = map(np.asarray, jax.device_get((st.done, st.length, st.stopped)))
+        done, length, stopped = read(st.done, st.length, st.stopped)
         finished = [b for b in range(slots) if slot_row[b] >= 0 and done[b]]
         if finished or on_tokens is not None:
             rows_host = [b for b in range(slots) if slot_row[b] >= 0]
-            toks, lps = map(np.asarray, jax.device_get((st.tokens, st.logprobs)))
+            toks, lps = read(st.tokens, st.logprobs)
             if on_tokens is not None:
                 stream(rows_host, length, toks)
             for b in finished:

@@ -121,6 +121,16 @@ def place_global(value: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
+def place_global_batch(batch: dict, mesh) -> dict:
+    """A batch every process holds whole (RL minibatches: each process ran the same rollouts) ->
+    global arrays over the batch mesh axes; as is without a mesh."""
+    if mesh is None:
+        return batch
+    from ..train.steps import batch_shardings
+    shardings = batch_shardings(batch, mesh)
+    return {k: place_global(v, shardings[k]) for k, v in batch.items()}
+
+
 def setup_run(run: RunConfig, kind: str):
     mesh = build_mesh(run)
     cfg, params = build_model(run, mesh)

@@ -27,6 +27,7 @@ step, the prompt-iterator position and retired prompts (the temperature is a fun
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Callable, Optional, Sequence
@@ -47,6 +48,7 @@ from ..train.rewards import make_reward_fn
 from ..train.rollouts import Group, Prompt, build_pg_batch, pad_length, score_groups
 from ..train.state import TrainState
 from ..train.steps import make_pg_step
+from .build import place_global_batch
 from .prompts import PromptIterator
 from .rl_config import RLRunConfig
 
@@ -103,6 +105,7 @@ class RLLoop:
                                          train=dataclasses.replace(config.train, steps=steps))
         self.config, self.rl, self.model_cfg = config, config.rl, model_cfg
         self.tokenizer, self.stop_ids, self.mesh = tokenizer, tuple(stop_ids), mesh
+        self.place = functools.partial(place_global_batch, mesh=mesh)
         self.grader = grader  # a GraderPool (or anything with .submit(prediction, gold, mode))
         self.reward_fn = make_reward_fn(config.reward_specs())
         self.temperature = self.rl.temperature.build()
@@ -155,8 +158,8 @@ class RLLoop:
             p, c = list(p) + [[0]] * (bs - n_real), list(c) + [[]] * (bs - n_real)
             length = pad_length(max(len(a) + len(b) for a, b in zip(p, c)), self.rl.pad_multiple)
             batch = build_pg_batch(p, c, np.zeros(bs), length)
-            lp = np.asarray(self.logprob_fn(params, {k: batch[k] for k in
-                                                     ("tokens", "positions", "segment_ids")}))
+            inputs = self.place({k: batch[k] for k in ("tokens", "positions", "segment_ids")})
+            lp = np.asarray(self.logprob_fn(params, inputs))
             out.extend(lp[i, len(p[i]):len(p[i]) + len(c[i])].tolist() for i in range(n_real))
         return out
 
@@ -243,7 +246,7 @@ class RLLoop:
         n = 0
         for _ in range(self.rl.mu):
             for batch in self.minibatches(groups, rng):
-                self.state, m = self.pg_step(self.state, batch)
+                self.state, m = self.pg_step(self.state, self.place(batch))
                 m = jax.device_get(m)
                 if not float(m["finite"]) and self.config.train.on_nonfinite == "stop":
                     raise FloatingPointError(f"RL step {self.step_index}: non-finite loss or "

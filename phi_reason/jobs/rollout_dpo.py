@@ -15,14 +15,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from ..config import RunConfig, RunConfigError, dump_run_config, load_run_config
+from ..config import RunConfig, RunConfigError, load_run_config
 from ..files import atomic_write_text
+from ..sharding import processes
 
 
 @dataclasses.dataclass
@@ -80,14 +80,47 @@ def make_pairs(texts: Sequence[str], correct: Sequence[bool], finished: Sequence
     return pairs
 
 
-def _read_progress(partial: Path, progress: Path) -> int:
-    if not progress.exists():
-        return 0
-    done = json.loads(progress.read_text())
-    lines = partial.read_text().splitlines() if partial.exists() else []
-    # Drop lines written after the last recorded chunk (a crash between append and record).
-    partial.write_text("".join(line + "\n" for line in lines[:done["pairs"]]))
-    return int(done["prompts"])
+class PairsFile:
+    """`<output>` is written as `<output>.partial` plus `<output>.progress` (prompts done, pairs
+    written) after each chunk, and renamed into place when every prompt is done. Only process 0
+    writes; every process reads the progress (the same shared file system)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.partial = out.with_name(out.name + ".partial")
+        self.progress = out.with_name(out.name + ".progress")
+        self.lead = processes.is_lead()
+        self.pairs = 0
+
+    def start(self, resume: bool) -> int:
+        """The number of prompts already done (0 unless resuming a stopped run)."""
+        done = {"prompts": 0, "pairs": 0}
+        if resume and self.progress.exists():
+            done = json.loads(self.progress.read_text())
+        if self.lead:
+            lines = self.partial.read_text().splitlines() if done["prompts"] else []
+            # Drop lines written after the last recorded chunk (a crash between append and record).
+            self.partial.write_text("".join(line + "\n" for line in lines[:done["pairs"]]))
+        processes.barrier("rollout-dpo:start")
+        self.pairs = int(done["pairs"])
+        return int(done["prompts"])
+
+    def append(self, lines: list, prompts_done: int) -> None:
+        self.pairs += len(lines)
+        if not self.lead:
+            return
+        with open(self.partial, "a") as f:
+            f.writelines(lines)
+            f.flush()
+            os.fsync(f.fileno())
+        atomic_write_text(self.progress, json.dumps({"prompts": prompts_done,
+                                                     "pairs": self.pairs}))
+
+    def publish(self) -> None:
+        if self.lead:
+            os.replace(self.partial, self.out)
+            self.progress.unlink(missing_ok=True)
+        processes.barrier("rollout-dpo:published")
 
 
 def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=None,
@@ -98,19 +131,17 @@ def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=No
     from ..data.tokenizer import completion_text, load_tokenizer
     from ..engine.sampler import generate
     from ..eval.pool import GraderPool
-    from .build import build_mesh, build_model
+    from .build import build_mesh, build_model, publish_config, say
     from .prompts import load_prompts
     from .rl_loop import submit_grading
 
     run.validate()
     r = run.rollout
     out = run.output_path()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial, progress = out.with_name(out.name + ".partial"), out.with_name(out.name + ".progress")
     if out.exists() and not resume:
         raise RunConfigError(f"{out}: already exists; choose another rollout.output or delete it")
     if out.exists():
-        print(f"{out}: already complete", file=sys.stderr)
+        say(f"{out}: already complete")
         return {"prompts": 0, "pairs": sum(1 for _ in open(out)), "resumed": True}
     mesh = build_mesh(run)
     cfg, params = model if model is not None else build_model(run, mesh)
@@ -119,11 +150,9 @@ def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=No
         prompts = load_prompts(run, tok, r.max_prompt_tokens)[0]
     prompts = list(prompts)[: r.max_prompts]
     stops = format_stop_ids(run.data.chat_format, tok)
-    dump_run_config(run, str(out.with_name(out.name + ".config.yaml")))
-    start = _read_progress(partial, progress) if resume else 0
-    if start == 0:
-        partial.write_text("")
-    n_pairs = sum(1 for _ in open(partial))
+    publish_config(run, out.with_name(out.name + ".config.yaml"))
+    pairs_file = PairsFile(out)
+    start = pairs_file.start(resume)
     stats = {"prompts": 0, "completions": 0, "correct": 0, "prompts_with_pair": 0}
     k = r.samples_per_prompt
     with GraderPool(r.grader_workers, r.grader_timeout) as pool:
@@ -152,18 +181,11 @@ def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=No
             stats["prompts"] += len(chunk)
             stats["completions"] += len(texts)
             stats["correct"] += int(sum(correct))
-            with open(partial, "a") as f:
-                f.writelines(lines)
-                f.flush()
-                os.fsync(f.fileno())
-            n_pairs += len(lines)
-            atomic_write_text(progress, json.dumps({"prompts": c0 + len(chunk), "pairs": n_pairs}))
-    os.replace(partial, out)
-    progress.unlink(missing_ok=True)
-    stats["pairs"] = n_pairs
-    print(f"rollout-dpo: {n_pairs} pairs from {stats['prompts']} prompts "
-          f"({stats['correct']}/{stats['completions']} completions correct) -> {out}",
-          file=sys.stderr)
+            pairs_file.append(lines, c0 + len(chunk))
+    pairs_file.publish()
+    stats["pairs"] = pairs_file.pairs
+    say(f"rollout-dpo: {pairs_file.pairs} pairs from {stats['prompts']} prompts "
+        f"({stats['correct']}/{stats['completions']} completions correct) -> {out}")
     return stats
 
 

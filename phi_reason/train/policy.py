@@ -12,12 +12,16 @@ from .losses import token_logprobs
 
 
 def make_token_logprob_fn(cfg, mesh=None) -> Callable:
-    """Jitted (params, batch) -> [B, T] log-prob of each token under params (aligned to tokens)."""
+    """Jitted (params, batch) -> [B, T] log-prob of each token under params (aligned to tokens).
+    On a mesh the result comes back replicated, readable by every process."""
     def fn(params, batch):
         logits = forward(params, batch["tokens"], cfg, positions=batch["positions"],
                          segment_ids=batch["segment_ids"])
         return token_logprobs(logits, batch["tokens"])
-    return jax.jit(fn)
+    if mesh is None:
+        return jax.jit(fn)
+    from ..sharding.rules import replicated
+    return jax.jit(fn, out_shardings=replicated(mesh))
 
 
 def fold_temperature(params, temperature: float):
