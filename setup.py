@@ -5,8 +5,8 @@ setup(
     version="0.1.0",
     description="JAX-native post-training for Microsoft's Phi-4 reasoning models",
     # The run configs live at the checkout's root (`configs/*.yaml`, as README uses them) and ship
-    # inside the package as the data-only package `phi_reason.configs` (found with
-    # importlib.resources by phi_reason.resources), one copy for checkout, wheel and editable install.
+    # inside the wheel as the data-only package `phi_reason.configs`; `phi_reason.resources` finds
+    # them in a wheel, an editable install or a checkout (one copy of each file).
     packages=[*find_packages(include=["phi_reason", "phi_reason.*"]), "phi_reason.configs"],
     package_dir={"phi_reason.configs": "configs"},
     package_data={"phi_reason": ["model/cpu_flash/*.cc"], "phi_reason.configs": ["*.yaml"]},
