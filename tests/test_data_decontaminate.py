@@ -106,13 +106,15 @@ def test_cli_writes_kept_lines_and_report(tmp_path, capsys):
             == ["clean.jsonl", "clean.jsonl.removed.jsonl"])
 
 
-def test_bad_input_leaves_no_output(tmp_path):
+def test_bad_input_leaves_no_output(tmp_path, capsys):
     eval_file = _jsonl(tmp_path / "eval.jsonl", [{"problem": EVAL_PROBLEM}])
     train = _jsonl(tmp_path / "train.jsonl", [{"problem": "fine"}, "{broken"])
     out = tmp_path / "clean.jsonl"
     with pytest.raises(DataError, match=f"{train}:2: malformed JSON"):
-        cli_main(["decontaminate", "--train", str(train), "--eval", str(eval_file),
-                  "--out", str(out)])
+        decontaminate(train, [eval_file])
+    assert cli_main(["decontaminate", "--train", str(train), "--eval", str(eval_file),
+                     "--out", str(out)]) == 2
+    assert f"error: {train}:2: malformed JSON" in capsys.readouterr().err
     bad_eval = _jsonl(tmp_path / "bad_eval.jsonl", [{"answer": "3"}])
     with pytest.raises(DataError, match="bad_eval.jsonl:1: no text field"):
         decontaminate(_jsonl(tmp_path / "t2.jsonl", [{"problem": "x"}]), [bad_eval])
