@@ -263,7 +263,7 @@ def main(out="./demo_out", quick=False, config=None, model=None, data=None, num_
     if model is not None:
         from .demo_real import run_real_model
 
-        return run_real_model(model, data, num_problems)
+        return run_real_model(model, data, num_problems, out=out)
     spec = load_spec(config, quick, overrides)
     out = Path(out).absolute()
     if out.exists() and any(out.iterdir()):

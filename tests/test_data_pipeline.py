@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from phi_reason.data.pipeline import dpo_batches, global_batch, prompt_batches, sft_batches
+from phi_reason.data.pipeline import dpo_batches, sft_batches
 from phi_reason.data.synthetic import make_problems
 from phi_reason.data.tokenizer import CharTokenizer
 
@@ -128,31 +128,6 @@ def test_resume_dpo():
                             for s in ("chosen", "rejected"))
         assert chosen.split("\n")[0] == rejected.split("\n")[0]  # same prompt in the same row
     _check_resume(make, 5, 10)
-
-
-def test_prompt_batches():
-    records = [{"prompt": [{"role": "user", "content": p["problem"]}], "answer": p["answer"]}
-               for p in PROBLEMS]
-    it = prompt_batches(records, TOK, "plain", batch_size=8, max_prompt_len=10, seed=0,
-                        num_epochs=1, shard_index=0, shard_count=1)
-    batches = list(it)
-    long_prompts = sum(len(p["problem"]) + 1 > 10 for p in PROBLEMS)
-    assert it.stats["dropped"] == long_prompts > 0
-    kept = [(TOK.decode(ids), a) for b in batches for ids, a in zip(b["prompt_ids"], b["answers"])]
-    expected = {(p["problem"] + "\n", p["answer"]) for p in PROBLEMS if len(p["problem"]) + 1 <= 10}
-    assert sorted(kept) == sorted(expected)
-
-
-def test_global_batch_on_a_mesh():
-    import jax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    mesh = Mesh(np.array(jax.devices()).reshape(-1), ("data",))
-    sharding = NamedSharding(mesh, PartitionSpec("data", None))
-    local = next(_sft(batch_size=len(jax.devices())))
-    arrays = global_batch(local, sharding)
-    assert all(np.array_equal(np.asarray(arrays[k]), local[k]) for k in local)
-    assert arrays["tokens"].sharding == sharding
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ import builtins
 
 import pytest
 
-from phi_reason.eval.grader import grade_in_process
+from phi_reason.eval.single import grade_in_process
 
 
 def B(x):

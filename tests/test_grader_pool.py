@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from phi_reason.eval.grader import GraderPool, grade, grade_in_process, grade_many
+from phi_reason.eval.grader import GraderPool, grade, grade_many
+from phi_reason.eval.single import grade_in_process
 
 DEADLINE = 3.0
 

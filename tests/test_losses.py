@@ -58,10 +58,10 @@ def test_target_mask_and_token_logprobs_match_loops():
 
 
 def test_token_entropy_matches_numpy():
-    _, logits = random_packed_batch()
+    batch, logits = random_packed_batch()
     lp = np_log_softmax(logits.astype(np.float64))
     want = -(np.exp(lp) * lp).sum(-1)
-    got = np.asarray(L.token_entropy(jnp.asarray(logits)))
+    got = np.asarray(L.token_stats(jnp.asarray(logits), batch["tokens"], entropy=True).entropy)
     np.testing.assert_allclose(got[:, 1:], want[:, :-1], rtol=1e-5)
     assert np.all(got[:, 0] == 0)
 

@@ -23,7 +23,6 @@ from phi_reason.sharding.mesh import MeshError, make_mesh
 from phi_reason.sharding.rules import (
     activation_constraint,
     batch_sharding,
-    check_batch_size,
     replicated,
     spec_for,
 )
@@ -241,7 +240,7 @@ def test_bad_mesh_for_devices_names_axis():
     with pytest.raises(MeshError, match=r"dcn_fsdp=3 must be >= 1 and divide the axis size 8"):
         make_mesh(1, 8, 1, dcn_fsdp=3)
     with pytest.raises(MeshError, match=r"'batch' of size 6 .*data=8"):
-        check_batch_size(6, make_mesh(8, 1, 1))
+        spec_for(("batch",), (6,), make_mesh(8, 1, 1), name="batch")
 
 
 def test_mesh_minus_one_takes_the_rest():

@@ -34,10 +34,6 @@ def layer_shape(spec: ParamSpec) -> Tuple[int, ...]:
     return spec.shape[1:] if spec.stacked else spec.shape
 
 
-def num_layers(spec: ParamSpec) -> Optional[int]:
-    return spec.shape[0] if spec.stacked else None
-
-
 def hf_block_shape(spec: ParamSpec) -> Tuple[int, ...]:
     """Shape of one layer of `spec` in HF layout (rows of the fused tensor when fused): matrices
     are torch's [out, in] (`linear_shape`), vectors keep their shape."""

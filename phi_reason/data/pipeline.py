@@ -56,17 +56,6 @@ class DPOExample:
         return out
 
 
-@dataclasses.dataclass
-class PromptExample:
-    """{"prompt", "answer"} -> {"prompt_ids" int32 array, "answer" str}."""
-    tokenizer: object
-    fmt: str
-
-    def __call__(self, record):
-        ids = render_prompt(record["prompt"], self.tokenizer, self.fmt)
-        return {"prompt_ids": np.asarray(ids, np.int32), "answer": record["answer"]}
-
-
 # ------------------------------------------------------------------------------ batch assembly
 class PackedRows:
     """First-fit packing into `rows` x `seq_len`; a batch is complete when an example fits no
@@ -115,27 +104,6 @@ class PaddedRows:
             for k, v in pad_rows(examples, self.rows, self.seq_len, self.pad_id).items():
                 batch[f"{side}_{k}"] = v
         return batch
-
-
-class PromptRows:
-    """`rows` prompts as lists: {"prompt_ids": list[list[int]], "answers": list[str]}."""
-
-    def __init__(self, rows):
-        self.rows = rows
-
-    def start(self):
-        return []
-
-    def add(self, acc, example) -> bool:
-        acc.append(example)
-        return True
-
-    def full(self, acc) -> bool:
-        return len(acc) == self.rows
-
-    def finish(self, acc):
-        return {"prompt_ids": [e["prompt_ids"].tolist() for e in acc],
-                "answers": [e["answer"] for e in acc]}
 
 
 class _BatchIterator(grain.DatasetIterator):
@@ -334,24 +302,3 @@ def dpo_batches(records, tokenizer, fmt, *, seq_len, batch_size, seed=0, shuffle
                                num_epochs=num_epochs, shard_index=shard_index,
                                shard_count=shard_count)
     return _finish(examples, strategy, seq_len, length_policy, workers, drop_remainder)
-
-
-def prompt_batches(records, tokenizer, fmt, *, batch_size, max_prompt_len, seed=0, shuffle=True,
-                   num_epochs=None, shard_index=None, shard_count=None, drop_remainder=False
-                   ) -> BatchIterator:
-    """RL prompt batches {"prompt_ids": list[list[int]], "answers": list[str]}; prompts longer than
-    `max_prompt_len` are dropped (counted): a cut prompt would ask a different question."""
-    shard_index, shard_count = _host_shard(shard_index, shard_count)
-    rows = _local_rows(batch_size, shard_count)
-    examples = example_dataset(records, PromptExample(tokenizer, fmt), seed=seed, shuffle=shuffle,
-                               num_epochs=num_epochs, shard_index=shard_index,
-                               shard_count=shard_count)
-    return _finish(examples, PromptRows(rows), max_prompt_len, "drop", 0, drop_remainder)
-
-
-def global_batch(local_batch: dict, sharding) -> dict:
-    """Assemble this host's rows into global jax.Arrays laid out by `sharding` (a NamedSharding
-    over [batch, seq]); on one host it is a plain device_put."""
-    import jax
-
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}

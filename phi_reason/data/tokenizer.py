@@ -115,9 +115,6 @@ class Phi4Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self._encoding.encode(text, allowed_special="all")
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._encoding.encode_batch(texts, allowed_special="all")
-
     def decode(self, ids) -> str:
         return self._encoding.decode([int(i) for i in ids])
 

@@ -13,8 +13,7 @@ from phi_reason.eval.extract import extract_answer, gold_answer
 from phi_reason.eval.pool import DEFAULT_TIMEOUT, GraderPool
 from phi_reason.eval.result import GradeResult
 
-__all__ = ["GradeResult", "GraderPool", "extract_answer", "gold_answer", "grade",
-           "grade_in_process", "grade_many"]
+__all__ = ["GradeResult", "GraderPool", "extract_answer", "gold_answer", "grade", "grade_many"]
 
 _shared_pools: dict[tuple[int, float], GraderPool] = {}
 _shared_lock = threading.Lock()
@@ -35,13 +34,6 @@ def _close_shared_pools() -> None:
         for pool in _shared_pools.values():
             pool.close()
         _shared_pools.clear()
-
-
-def grade_in_process(prediction: str, gold, mode: str = "eval") -> GradeResult:
-    """Grade in the calling process, with no deadline and no isolation: for trusted input or
-    callers that isolate themselves.  (Imported lazily so importing this module stays light.)"""
-    from phi_reason.eval.single import grade_in_process as run
-    return run(prediction, gold, mode)
 
 
 def grade(prediction: str, gold, mode: str = "eval", timeout: float = DEFAULT_TIMEOUT

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-STATUSES = ("ok", "no_answer", "timeout", "error")
-
 
 @dataclass(frozen=True)
 class GradeResult:

@@ -164,8 +164,3 @@ def param_count(cfg: ModelConfig) -> int:
 def logical_axes(cfg: ModelConfig) -> dict:
     """The parameter tree with each leaf replaced by its tuple of logical axis names."""
     return _tree_from_flat({p: s.axes for p, s in param_specs(cfg).items()})
-
-
-def cast_params(params: dict, dtype) -> dict:
-    return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
-

@@ -114,11 +114,6 @@ def spec_for(axes: Sequence[str], shape: Sequence[int], mesh, rules=None,
     return P(*out)
 
 
-def check_batch_size(batch_size: int, mesh, rules=None) -> None:
-    """Error naming the mesh axes when the global batch does not split over them."""
-    spec_for(("batch",), (batch_size,), mesh, rules, name="batch")
-
-
 def batch_sharding(mesh: Mesh, rules=None) -> NamedSharding:
     """NamedSharding for [B, T] batch arrays (tokens, positions, segment_ids, loss_mask)."""
     rules = merge_rules(rules)

@@ -70,11 +70,6 @@ def token_logprobs(logits, tokens) -> jax.Array:
     return token_stats(logits, tokens).logp
 
 
-def token_entropy(logits) -> jax.Array:
-    """[B, T] entropy of the predictive distribution for token t (aligned like token_logprobs)."""
-    return align_to_tokens(_entropy(logits[:, :-1]))
-
-
 # --------------------------------------------------------------------------- SFT
 def cross_entropy(logits, batch, denom):
     """Token cross-entropy summed over targets / `denom` (the global batch's target count).

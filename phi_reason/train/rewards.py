@@ -182,10 +182,5 @@ def make_reward_fn(specs: Sequence[RewardSpec | Mapping[str, Any]]
     return reward
 
 
-def reward_terms(specs: Sequence[RewardSpec], c: Completion) -> dict[str, float]:
-    """Each term's unweighted value, for logging."""
-    return {s.name: float(REWARDS[s.name](c, **s.kwargs)) for s in specs}
-
-
 PHI4_PLUS_REWARDS = (RewardSpec("phi4_plus_length", 8 / 13), RewardSpec("repetition", 1 / 13))
 BINARY_REWARDS = (RewardSpec("binary", 1.0),)
