@@ -1,6 +1,7 @@
 """Bad checkpoints fail with a message naming the problem, and leave no output behind."""
 import json
 import os
+import pathlib
 import shutil
 
 import numpy as np
@@ -180,3 +181,31 @@ def jax_free_params():
     import jax
     return jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape, np.float32),
                                   abstract_params(CFG))
+
+
+def test_next_run_removes_temp_dirs_of_dead_runs_and_names_the_others(tmp_path, capsys):
+    """A SIGKILLed save leaves `.<name>.tmp-<host>-<pid>-<id>` (as large as the output); the next
+    save to the same output deletes those whose process is gone and names the ones it cannot
+    judge (a live pid, another host)."""
+    import socket
+    import subprocess
+    import sys
+
+    from phi_reason.checkpoint.common import atomic_output_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    out = tmp_path / "final"
+    stale = [tmp_path / f".final.tmp-{host}-{dead}-0000aaaa", tmp_path / f".final.old-{dead}-1111"]
+    kept = [tmp_path / f".final.tmp-{host}-{os.getpid()}-2222bbbb",  # alive: maybe still writing
+            tmp_path / f".final.tmp-otherhost-{dead}-3333cccc",  # cannot tell from here
+            tmp_path / ".finalist.tmp-x-1-4444"]  # another output's
+    for d in stale + kept:
+        (d / "0").mkdir(parents=True)
+    with atomic_output_dir(out) as tmp:
+        (pathlib.Path(tmp) / "weights").write_text("new")
+    assert (out / "weights").read_text() == "new"
+    assert not any(d.exists() for d in stale) and all(d.exists() for d in kept)
+    err = capsys.readouterr().err
+    assert str(kept[0]) in err and str(kept[1]) in err and str(kept[2]) not in err

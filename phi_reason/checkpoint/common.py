@@ -3,9 +3,12 @@ size parsing and dtype names."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import shutil
+import socket
+import sys
 import uuid
 from typing import Iterator, Optional
 
@@ -90,10 +93,11 @@ def atomic_output_dir(out, overwrite: bool = False) -> Iterator[str]:
                               "to replace it)")
     parent = os.path.dirname(out)
     lead = processes.is_lead()
-    tag = processes.agree(f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tag = processes.agree(f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{tag}")
     if lead:
         os.makedirs(parent, exist_ok=True)
+        remove_stale_temps(out)
         os.mkdir(tmp)
     processes.barrier(f"atomic_output_dir:start:{tag}")
     try:
@@ -106,6 +110,47 @@ def atomic_output_dir(out, overwrite: bool = False) -> Iterator[str]:
     if lead:
         _publish(tmp, out, parent, tag)
     processes.barrier(f"atomic_output_dir:published:{tag}")
+
+
+def remove_stale_temps(out: str) -> list:
+    """Delete the temp / set-aside dirs that killed runs left beside `out` (`.<name>.tmp-<host>-
+    <pid>-<id>`, as large as the output): those of this host whose process is gone. Others (another
+    host's, or a pid that is alive again) are left and named on stderr. Returns what was removed."""
+    parent, name = os.path.split(os.path.abspath(out))
+    removed = []
+    for entry in glob.glob(os.path.join(parent, glob.escape(f".{name}") + ".*-*")):
+        kind, _, tag = os.path.basename(entry)[len(name) + 2:].partition("-")
+        if kind not in ("tmp", "old"):
+            continue
+        host, pid = _tag_owner(tag)
+        if host in (None, socket.gethostname()) and pid is not None and not _alive(pid):
+            if os.path.isdir(entry):
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                os.unlink(entry)
+            removed.append(entry)
+        else:
+            print(f"warning: {entry} is left from a run of pid {pid} on {host or 'this host'} "
+                  "that may still be writing; delete it if that run is gone", file=sys.stderr)
+    return removed
+
+
+def _tag_owner(tag: str):
+    """(host, pid) from `<host>-<pid>-<id>` (host None for the older `<pid>-<id>`)."""
+    parts = tag.rsplit("-", 2)
+    host = parts[0] if len(parts) == 3 else None
+    pid = parts[-2] if len(parts) >= 2 else ""
+    return host, int(pid) if pid.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _publish(tmp: str, out: str, parent: str, tag: str) -> None:

@@ -176,7 +176,7 @@ def say(message: str) -> None:
 
 def finish_run(trainer, cfg: ModelConfig, step: int) -> None:
     """After `trainer.train`: export `final/` (collectively) unless a signal stopped the run."""
-    if trainer.stop_signal is None:
+    if not trainer.stopped:
         export_final(trainer.out, cfg, trainer.state.params)
         say(f"done: {step} steps; checkpoints in {trainer.out / 'checkpoints'}, "
             f"weights in {trainer.out / 'final'}")

@@ -30,6 +30,8 @@ class RLSteps:
     """The trainer's step source for RL: one RL step (rollouts, grading, updates) per trainer step,
     plus the held-out evaluation every `rl.eval_every` steps and at the last step."""
 
+    position_is_global = True  # every process runs the same scheduler on the same prompt stream
+
     def __init__(self, loop: RLLoop, eval_prompts: Sequence, total_steps: int):
         self.loop, self.eval_prompts, self.total_steps = loop, list(eval_prompts), total_steps
         self.history: list = []

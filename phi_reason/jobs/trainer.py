@@ -162,7 +162,8 @@ class Trainer:
         peak = run.output.peak_flops or peak_flops_per_device()
         self._flops_per_token = train_flops_per_token(cfg, seq_len or run.data.seq_len)
         self._peak_total = peak * jax.device_count() if peak else None
-        self.stop_signal: Optional[int] = None
+        self.stop_signal: Optional[int] = None  # the signal this process received
+        self.stopped = False  # the processes agreed to stop early (a signal reached one of them)
         self.skipped_steps = 0
         self.last_saved: Optional[int] = None
 
@@ -173,10 +174,29 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int) -> None:
         ocp = self._ocp
+        position = self.source.get_state()
+        data = {"iterator": position}
+        if processes.process_count() > 1:  # each host reads its own share: one position each
+            data["per_process"] = [json.loads(t) for t in
+                                   processes.gather_texts(json.dumps(position, sort_keys=True))]
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(self.source.state.checkpoint_items()),
-            data=ocp.args.JsonSave({"iterator": self.source.get_state()})), force=True)
+            data=ocp.args.JsonSave(data)), force=True)
         self.last_saved = step
+
+    def _own_position(self, data: dict, step: int):
+        """This process's data position from a checkpoint written by any number of processes."""
+        saved = data.get("per_process") or [data["iterator"]]
+        n, me = processes.process_count(), processes.process_index()
+        if len(saved) == n:
+            return saved[me]
+        if getattr(self.source, "position_is_global", False):
+            return data["iterator"]
+        raise RunConfigError(
+            f"{self.out / 'checkpoints'}: step {step} was written by {len(saved)} process(es), "
+            f"this run has {n}; each process's data position is in its own shard of the stream and "
+            f"cannot be mapped onto {n} yet: resume with {len(saved)} process(es) (the weights "
+            "restore into any mesh)")
 
     def restore(self, step: Optional[int] = None) -> int:
         """Restore the latest (or given) checkpoint into the source; returns its step."""
@@ -186,8 +206,9 @@ class Trainer:
                                           self.source.state.checkpoint_items())
         got = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        position = self._own_position(got["data"], step)
         self.source.state = self.source.state.with_checkpoint_items(got["state"])
-        self.source.set_state(got["data"]["iterator"])
+        self.source.set_state(position)
         self.last_saved = step
         return step
 
@@ -240,18 +261,20 @@ class Trainer:
                 pending = (step, metrics)
                 for hook in self.hooks:
                     hook(self, step)
-                stop = self.stop_signal is not None
+                # a signal may reach the processes at different steps: they agree on stopping
+                stop = self.stopped = processes.any_process(self.stop_signal is not None)
                 if stop or step % self.run.output.save_every == 0 or step == self.total_steps:
                     self._record(pending, log, bar)
                     pending = None
                     self.save(step)
                 if stop:
-                    name = signal.Signals(self.stop_signal).name
+                    name = (signal.Signals(self.stop_signal).name if self.stop_signal
+                            else "a signal to another process")
                     say(f"\n{name}: saved checkpoint at step {step}; exiting")
                     break
             if pending is not None:
                 self._record(pending, log, bar)
-            if self.last_saved != step and self.stop_signal is None:
+            if self.last_saved != step and not self.stopped:
                 self.save(step)
         finally:
             self.manager.wait_until_finished()

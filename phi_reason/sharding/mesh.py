@@ -201,6 +201,10 @@ def initialize_distributed(coordinator: Optional[str] = None, num_processes: Opt
         return chosen
     if jax.distributed.is_initialized():  # a second stage in the same process
         return chosen
+    timeout = os.environ.get("PHI_REASON_HEARTBEAT_TIMEOUT_S")
+    if timeout:
+        # how long the others wait for a lost process before they abort naming it (JAX: 100 s)
+        kwargs = dict(kwargs, heartbeat_timeout_seconds=int(timeout))
     log.info("jax.distributed.initialize via %s: %s", chosen, kwargs)
     jax.distributed.initialize(**kwargs)
     log.info("process %d of %d; %d local / %d global devices", jax.process_index(),

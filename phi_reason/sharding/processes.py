@@ -50,3 +50,24 @@ def agree(text: str, max_bytes: int = 256) -> str:
     buf[1:1 + len(raw)] = np.frombuffer(raw, np.uint8)
     got = np.asarray(multihost_utils.broadcast_one_to_all(buf))
     return bytes(got[1:1 + int(got[0])]).decode()
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any (e.g. a signal that reached only some)."""
+    if process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag]))).any())
+
+
+def gather_texts(text: str) -> list:
+    """Every process's `text`, in process order, on every process."""
+    if process_count() == 1:
+        return [text]
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(text.encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size]))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [bytes(row[:n]).decode() for row, n in zip(rows, sizes)]
