@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..config import RunConfig, RunConfigError, load_run_config
+from ..config import RunConfig, RunConfigError, check_registered, load_run_config
 from ..train.advantages import ADVANTAGES, SCALE_MODES
 from ..train.rewards import RewardSpec, make_reward_fn
 from ..train.schedules import TemperatureSchedule
@@ -107,10 +107,11 @@ class RLRunConfig(RunConfig):
             raise RunConfigError(
                 f"{where}: train.batch_size {self.train.batch_size} must divide "
                 f"rl.prompts_per_step x rl.group_size = {self.rows_per_step()}")
-        if rl.advantage not in ADVANTAGES:
-            bad("advantage", f"unknown estimator {rl.advantage!r}; known: {sorted(ADVANTAGES)}")
-        if rl.scale_rewards not in SCALE_MODES:
-            bad("scale_rewards", f"must be one of {SCALE_MODES}, got {rl.scale_rewards!r}")
+        for key, registry in (("advantage", ADVANTAGES), ("scale_rewards", SCALE_MODES)):
+            try:
+                check_registered(f"rl.{key}", getattr(rl, key), registry)
+            except RunConfigError as e:
+                raise RunConfigError(f"{where}: {e}") from None
         if rl.old_logprobs not in ("recompute", "sampler"):
             bad("old_logprobs", f"must be recompute or sampler, got {rl.old_logprobs!r}")
         if rl.old_logprobs == "sampler" and (rl.mu != 1 or self.updates_per_step() != 1
