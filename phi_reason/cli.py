@@ -64,7 +64,7 @@ def _add_convert(sub):
     a.add_argument("out")
     a.add_argument("--dtype", default=None, help="cast weights (float32|bfloat16); default: keep")
     a.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    a.set_defaults(fn=lambda x: _call("phi_reason.checkpoint.convert:hf_to_orbax",
+    a.set_defaults(fn=lambda x: _call("phi_reason.jobs.convert:hf_to_orbax",
                                          hf_dir=x.hf_dir, out=x.out, dtype=x.dtype,
                                          overwrite=x.overwrite))
     b = csub.add_parser("orbax-to-hf", help="Orbax checkpoint -> HF safetensors dir")
@@ -74,7 +74,7 @@ def _add_convert(sub):
     b.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default 5GB)")
     b.add_argument("--dtype", default=None, help="cast weights (float32|bfloat16); default: keep")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
-    b.set_defaults(fn=lambda x: _call("phi_reason.checkpoint.convert:orbax_to_hf",
+    b.set_defaults(fn=lambda x: _call("phi_reason.jobs.convert:orbax_to_hf",
                                          ckpt=x.ckpt, out=x.out, tokenizer_from=x.tokenizer_from,
                                          max_shard_size=x.max_shard_size, dtype=x.dtype,
                                          overwrite=x.overwrite))

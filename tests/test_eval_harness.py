@@ -139,7 +139,7 @@ def test_eval_cli_wiring(tmp_path, monkeypatch):
     seen = {}
 
     def fake_model_generate_fn(model, tokenizer, chat_format, temperature, top_p, max_new_tokens,
-                               seed):
+                               seed, mesh):
         seen.update(model=model, temperature=temperature, top_p=top_p, seed=seed,
                     max_new_tokens=max_new_tokens)
         return fake_generate, "phi-4-reasoning"
@@ -208,7 +208,7 @@ def test_model_generate_fn_wiring(monkeypatch):
                                       finish_reasons=["stop", "length"] * (len(prompts) // 2))
 
     monkeypatch.setattr(checkpoint, "detect_format", lambda path: "hf")
-    monkeypatch.setattr(checkpoint, "load_pretrained", lambda path: ("cfg", "params"))
+    monkeypatch.setattr(checkpoint, "load_pretrained", lambda path, mesh=None: ("cfg", "params"))
     monkeypatch.setattr(sampler, "generate", fake_generate)
     fn, fmt = eval_job.model_generate_fn("/ckpt/x", tokenizer="char", chat_format="plain",
                                          temperature=0.8, top_p=0.95, max_new_tokens=16, seed=5)

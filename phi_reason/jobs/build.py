@@ -26,6 +26,16 @@ def build_mesh(run: RunConfig):
     return mesh_from_config(run.mesh)
 
 
+def job_mesh():
+    """For commands without a run config (eval, generate): one device when this is the only
+    process, else a mesh over every device of the job (`fsdp` over all of them), so N processes
+    run one program on one global mesh."""
+    from ..config import MeshSection
+    from ..sharding.mesh import initialize_distributed, mesh_from_config
+    initialize_distributed()
+    return mesh_from_config(MeshSection(enabled=True)) if processes.process_count() > 1 else None
+
+
 def build_model(run: RunConfig, mesh=None):
     """(cfg, params): from `model.path` (HF or Orbax dir), else a random init of the preset."""
     m = run.model

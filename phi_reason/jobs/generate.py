@@ -14,6 +14,8 @@ from typing import List, Optional
 from ..data.tokenizer import completion_text
 from ..errors import UsageError
 from ..files import atomic_write_text, iter_jsonl
+from ..sharding import processes
+from .build import job_mesh
 
 NO_CHAT = (None, "", "none")
 
@@ -98,7 +100,9 @@ def main(model, prompt=None, prompts=None, output=None, chat_format=None, tokeni
     detect_format(model)  # a missing or unreadable --model is named before anything loads
     records = [{"prompt": prompt}] if prompt is not None else read_prompt_file(prompts)
     tok = load_tokenizer(tokenizer or model)
-    cfg, params = load_pretrained(model)
+    mesh = job_mesh()
+    cfg, params = load_pretrained(model, mesh=mesh)
+    lead = processes.is_lead()  # under several processes sampling is collective, output once
     ids = []
     for i, rec in enumerate(records):
         try:
@@ -107,7 +111,11 @@ def main(model, prompt=None, prompts=None, output=None, chat_format=None, tokeni
             raise GenerateInputError(f"{prompts}: record {i + 1}: {e}") from None
     stops = stop_tokens(cfg, tok, chat_format)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-              stop_tokens=stops, seed=seed, num_slots=max(1, min(batch_slots, len(ids))))
+              stop_tokens=stops, seed=seed, num_slots=max(1, min(batch_slots, len(ids))),
+              mesh=mesh)
+    if not lead:
+        generate(params, cfg, ids, **kw)
+        return 0
     if prompt is not None:
         streamer = _Streamer(tok, stops, sys.stdout)
         out = generate(params, cfg, ids, on_tokens=streamer, **kw)
