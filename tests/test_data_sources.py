@@ -184,3 +184,37 @@ def test_load_records_concatenates_sources(tmp_path):
     out = load_records([a, b], "math", skip_bad_records=True)
     assert [r["answer"] for r in out.records] == ["2", "\\frac{1}{2}"]
     assert out.where == [f"{a}:1", f"{b}:1"] and out.skipped == 1
+
+
+def test_a_cloned_dataset_repo_of_parquet_shards_and_a_glob(tmp_path):
+    """A Hugging Face dataset repo as `git clone` leaves it: README, parquet shards per split
+    under data/. The directory reads every shard in name order; a glob picks one split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "competition_math"
+    (repo / "data").mkdir(parents=True)
+    (repo / "README.md").write_text("---\nlicense: mit\n---\n")
+    for rows, name in ((MATH_ROWS[:2], "train-00000-of-00002"),
+                       (MATH_ROWS[2:], "train-00001-of-00002"),
+                       (MATH_ROWS[:1], "test-00000-of-00001")):
+        pq.write_table(pa.Table.from_pylist(rows), repo / "data" / f"{name}.parquet")
+    whole = read_records(repo, "math")
+    assert [r["answer"] for r in whole.records] == ["2", "2", "\\frac{1}{2}", "\\{-2, 2\\}"]
+    assert whole.where[0].endswith("test-00000-of-00001.parquet:row 0")
+    train = read_records(str(repo / "data" / "train-*.parquet"), "math")
+    assert [r["answer"] for r in train.records] == ["2", "\\frac{1}{2}", "\\{-2, 2\\}"]
+    with pytest.raises(DataError, match="no file matches"):
+        read_records(str(repo / "data" / "validation-*.parquet"), "math")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="nor a directory of .parquet / .jsonl shards"):
+        read_records(tmp_path / "empty", "math")
+
+
+def test_a_directory_of_jsonl_shards(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_jsonl(shards / "part-1.jsonl", [json.dumps(MATH_ROWS[1])])
+    _write_jsonl(shards / "part-0.jsonl", [json.dumps(MATH_ROWS[0])])
+    out = read_records(shards, "math")
+    assert [r["answer"] for r in out.records] == ["2", "\\frac{1}{2}"]

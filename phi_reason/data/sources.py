@@ -1,8 +1,10 @@
 """Record sources and schema adapters.
 
 Sources (`read_records`): JSONL, Parquet (pyarrow), ArrayRecord (JSON records; when
-`array_record` is installed), TFDS (`tfds:NAME[:SPLIT]`, when tensorflow_datasets is installed) and
-`datasets` saved to disk (`datasets.load_from_disk`, when installed). Every record carries where it
+`array_record` is installed), TFDS (`tfds:NAME[:SPLIT]`, when tensorflow_datasets is installed),
+`datasets` saved to disk (`datasets.load_from_disk`, when installed), and shards: a directory of
+Parquet (else JSONL) files such as a cloned Hugging Face dataset repo, or a glob
+(`repo/data/train-*.parquet`), read in name order. Every record carries where it
 came from ("file:line", "file:row N") so that errors name it.
 
 Schemas (`load_records(..., schema=...)`) turn raw records into the normalised kinds the pipelines
@@ -17,6 +19,7 @@ eat:
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import os
 import pathlib
@@ -110,14 +113,40 @@ def _decode_bytes(record: dict) -> dict:
     return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
 
 
+def _read_shards(paths, bad):
+    """Several files (shards of one dataset) read one after another, in name order."""
+    for path in paths:
+        reader, source = _reader_for(str(path))
+        yield from reader(source, bad)
+
+
+def _shards_in(path: pathlib.Path) -> list:
+    """The data files of a directory that is not a `save_to_disk` output, e.g. a cloned Hugging
+    Face dataset repo (`data/train-00000-of-00002.parquet`): its Parquet files, else its JSONL."""
+    for pattern in ("*.parquet", "*.jsonl"):
+        found = sorted(p for p in path.rglob(pattern) if p.is_file())
+        if found:
+            return found
+    return []
+
+
 def _reader_for(spec: str):
     if spec.startswith("tfds:"):
         return _read_tfds, spec
+    if any(c in spec for c in "*?["):  # a glob of shards, e.g. repo/data/train-*.parquet
+        matches = sorted(pathlib.Path(p) for p in glob.glob(spec, recursive=True))
+        if not matches:
+            raise DataError(f"{spec}: no file matches")
+        return _read_shards, matches
     path = pathlib.Path(spec)
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
             return _read_hf_disk, path
-        raise DataError(f"{path}: a directory that is not a `datasets.save_to_disk` output")
+        shards = _shards_in(path)
+        if not shards:
+            raise DataError(f"{path}: neither a `datasets.save_to_disk` output nor a directory "
+                            "of .parquet / .jsonl shards")
+        return _read_shards, shards
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
