@@ -18,7 +18,7 @@ from phi_reason.model.decoder import forward
 from phi_reason.model.params import abstract_params, flatten_params, init_params, unflatten_params
 from phi_reason.model.sharded import param_partition_specs, param_shardings, sharded_init_fn
 from phi_reason.sharding import rules
-from phi_reason.sharding.init import opt_state_shardings, shard_step, sharded_opt_init
+from phi_reason.sharding.init import opt_state_shardings, sharded_opt_init
 from phi_reason.sharding.mesh import MeshError, make_mesh
 from phi_reason.sharding.rules import (
     activation_constraint,
@@ -136,6 +136,16 @@ def assert_tree_close(actual, expected, what):
                                    atol=1e-6 * float(np.max(np.abs(e))),
                                    err_msg=f"{what} {'/'.join(path)}")
 
+
+
+def shard_step(step_fn, mesh, state_shardings, batch_sharding, donate=True,
+               metrics_sharding=None):
+    """jit with the rules' in/out shardings and donation: the mechanics the training steps
+    (`phi_reason.train.steps.ShardedStep`) use, around a step that also returns its grads."""
+    metrics_sharding = metrics_sharding or replicated(mesh)
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, metrics_sharding),
+                   donate_argnums=(0,) if donate else ())
 
 @pytest.mark.slow  # one XLA compile per mesh (~10 s CPU each)
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: "x".join(map(str, s)))

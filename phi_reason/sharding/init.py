@@ -2,8 +2,6 @@
 parameter pytrees and their shardings; `phi_reason.model.sharded` derives those for the model)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import jax
 import optax
 from jax.sharding import Mesh, NamedSharding
@@ -27,18 +25,3 @@ def sharded_opt_init(optimizer: optax.GradientTransformation, params, params_sha
     """`optimizer.init(params)` with its state created directly sharded."""
     shardings = opt_state_shardings(optimizer, params, params_shardings, mesh)
     return jax.jit(optimizer.init, out_shardings=shardings)(params)
-
-
-def shard_step(step_fn: Callable, mesh: Mesh, state_shardings, batch_sharding,
-               donate: bool = True, metrics_sharding: Optional[NamedSharding] = None):
-    """jit `step_fn(state, batch) -> (state, metrics)` with explicit in/out shardings.
-
-    The state keeps its shardings across steps (so no resharding between steps) and is donated
-    (its buffers are reused for the new state, so parameters and optimizer state are not held
-    twice). `batch_sharding` may be one NamedSharding for every batch array or a pytree prefix
-    of the batch. Metrics come back replicated unless `metrics_sharding` says otherwise.
-    """
-    metrics_sharding = metrics_sharding or replicated(mesh)
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, metrics_sharding),
-                   donate_argnums=(0,) if donate else ())
