@@ -105,7 +105,32 @@ class PGSection:
     epsilon_high: float = 0.2
     beta: float = 0.0  # k3 KL coefficient (needs ref_logprobs in the batch when > 0)
     entropy_coef: float = 0.0
-    max_completion_length: Optional[int] = None  # dr_grpo's constant (default: the batch's T)
+    # Dr. GRPO's constant L (seq-mean-token-sum-norm; default: the batch's padded length T)
+    max_completion_length: Optional[int] = None
+    # Loss aggregation (verl's loss_agg_mode names; PG_AGGREGATIONS in train/losses.py):
+    # token-mean | seq-mean-token-mean | seq-mean-token-sum | seq-mean-token-sum-norm.
+    # None (default): the loss_type's own - grpo, gspo: seq-mean-token-mean; dapo: token-mean;
+    # dr_grpo: seq-mean-token-sum-norm. (trl's default loss_type is dapo, verl's default mode
+    # token-mean.)
+    loss_agg: Optional[str] = None
+    # Truncated importance sampling against the sampler/trainer mismatch: weight each token's
+    # surrogate by min(exp(old - sampler log-prob), tis_cap). Off by default (as in verl; trl's
+    # vLLM correction is on by default, sequence-level, cap 3); needs the sampler's log-probs in
+    # the batch (the RL loop adds them) and old log-probs recomputed by the trainer.
+    tis: bool = False
+    tis_cap: float = 2.0  # C (verl's rollout_is_threshold default 2.0)
+
+    def validate(self, where: str = "train.pg") -> None:
+        """The checks of this section (registry names and ranges); errors name the dotted key."""
+        from .train.losses import PG_AGGREGATIONS, PG_LOSSES
+        check_registered(f"{where}.loss_type", self.loss_type, PG_LOSSES)
+        if self.loss_agg is not None:
+            check_registered(f"{where}.loss_agg", self.loss_agg, PG_AGGREGATIONS)
+        if self.tis_cap <= 0:
+            raise RunConfigError(f"{where}.tis_cap: must be positive, got {self.tis_cap}")
+        if self.max_completion_length is not None and self.max_completion_length <= 0:
+            raise RunConfigError(f"{where}.max_completion_length: must be positive, "
+                                 f"got {self.max_completion_length}")
 
 
 @dataclasses.dataclass
@@ -152,13 +177,13 @@ class TrainSection:
             bad("steps", f"must be positive, got {self.steps}")
         if self.logits_chunk < 0:
             bad("logits_chunk", f"must be >= 0 (0: no chunking), got {self.logits_chunk}")
-        from .train.losses import DPO_LOSSES, PG_LOSSES, SFT_LOSSES
+        from .train.losses import DPO_LOSSES, SFT_LOSSES
         from .train.optim import LR_SCHEDULES
         for key, name, registry in (("loss", self.loss, SFT_LOSSES),
                                     ("schedule", self.schedule, LR_SCHEDULES),
-                                    ("dpo.loss_type", self.dpo.loss_type, DPO_LOSSES),
-                                    ("pg.loss_type", self.pg.loss_type, PG_LOSSES)):
+                                    ("dpo.loss_type", self.dpo.loss_type, DPO_LOSSES)):
             check_registered(f"{where}.{key}", name, registry)
+        self.pg.validate(f"{where}.pg")
         if self.on_nonfinite not in ("stop", "skip"):
             bad("on_nonfinite", f"must be stop or skip, got {self.on_nonfinite!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -225,3 +225,140 @@ def test_kl_requires_reference():
     with pytest.raises(ValueError, match="ref_logprobs"):
         L.PG_LOSSES["grpo"](jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv),
                             jnp.asarray(mask), norms, epsilon_low=0.2, epsilon_high=0.2, beta=0.1)
+
+
+# ------------------------------------------------------------------ loss aggregation
+def np_aggregate(name, x, mask, max_len):
+    """The field's aggregation modes written out, one sequence at a time (B counts every row,
+    empty ones included; N = all target tokens; L = the constant length)."""
+    b = x.shape[0]
+    if name == "token-mean":  # sum_i sum_t x / N
+        return (x * mask).sum() / mask.sum()
+    if name == "seq-mean-token-mean":  # 1/B sum_i (1/|o_i|) sum_t x
+        return sum((x[i] * mask[i]).sum() / max(mask[i].sum(), 1) for i in range(b)) / b
+    if name == "seq-mean-token-sum":  # 1/B sum_i sum_t x
+        return sum((x[i] * mask[i]).sum() for i in range(b)) / b
+    if name == "seq-mean-token-sum-norm":  # 1/(B L) sum_i sum_t x  (Dr. GRPO)
+        return sum((x[i] * mask[i]).sum() for i in range(b)) / (b * max_len)
+    raise KeyError(name)
+
+
+AGG_NAMES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+
+
+def test_aggregation_registry_names_and_defaults():
+    """The registry carries exactly the field's names, and each loss_type's default is the one
+    documented (grpo / gspo: GRPO paper; dapo: trl's default and verl's token-mean; dr_grpo:
+    Dr. GRPO's constant normaliser)."""
+    assert sorted(L.PG_AGGREGATIONS) == sorted(AGG_NAMES)
+    assert {k: v.aggregate for k, v in L.PG_VARIANTS.items()} == {
+        "grpo": "seq-mean-token-mean", "gspo": "seq-mean-token-mean", "dapo": "token-mean",
+        "dr_grpo": "seq-mean-token-sum-norm"}
+
+
+@pytest.mark.parametrize("agg", AGG_NAMES)
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_loss_agg_override_matches_formula(loss_type, agg):
+    logp, old, ref, ent, adv, mask = pg_inputs()
+    b, max_len = logp.shape[0], 16
+    eps_lo, eps_hi, beta, ent_coef = 0.2, 0.28, 0.04, 0.01
+    ratio = np.exp(logp - old)
+    per_tok = -np.minimum(ratio * adv[:, None], np.clip(ratio, 1 - eps_lo, 1 + eps_hi)
+                          * adv[:, None])
+    per_tok = per_tok + beta * (np.exp(ref - logp) - (ref - logp) - 1)
+    want = (np_aggregate(agg, per_tok, mask, max_len)
+            - ent_coef * np_aggregate(agg, ent, mask, max_len))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    norms = L.Norms(jnp.float32(b), jnp.float32(mask.sum()), jnp.float32(max_len))
+    kw = dict(epsilon_low=eps_lo, epsilon_high=eps_hi, beta=beta, entropy_coef=ent_coef,
+              loss_agg=agg, ref_logp=f32(ref), entropy=f32(ent))
+    got, _ = L.PG_LOSSES[loss_type](f32(logp), f32(old), f32(adv), f32(mask), norms, **kw)
+    np.testing.assert_allclose(float(got), want, rtol=2e-5, atol=1e-6)
+    # micro-batches with the global norms sum to the whole, in every mode
+    parts = [L.PG_LOSSES[loss_type](f32(logp[s]), f32(old[s]), f32(adv[s]), f32(mask[s]), norms,
+                                    **dict(kw, ref_logp=f32(ref[s]), entropy=f32(ent[s])))[0]
+             for s in (slice(0, 2), slice(2, b))]
+    np.testing.assert_allclose(float(parts[0] + parts[1]), want, rtol=2e-5, atol=1e-6)
+
+
+def test_aggregation_modes_differ_on_this_input():
+    """The four modes are four different numbers here (a test that mixed them up would fail)."""
+    logp, old, _, _, adv, mask = pg_inputs()
+    norms = L.Norms(jnp.float32(6), jnp.float32(mask.sum()), jnp.float32(16))
+    vals = [float(L.PG_LOSSES["grpo"](*(jnp.asarray(x, jnp.float32) for x in
+                                        (logp, old, adv, mask)), norms, epsilon_low=0.2,
+                                      epsilon_high=0.2, loss_agg=a)[0]) for a in AGG_NAMES]
+    assert len({round(v, 6) for v in vals}) == 4, vals
+    with pytest.raises(ValueError, match="unknown loss aggregation 'token_mean'"):
+        L.PG_LOSSES["grpo"](*(jnp.asarray(x, jnp.float32) for x in (logp, old, adv, mask)),
+                            norms, epsilon_low=0.2, epsilon_high=0.2, loss_agg="token_mean")
+
+
+# ------------------------------------------------------------------ truncated importance sampling
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "gspo"])
+def test_tis_weights_surrogate_against_numpy(loss_type):
+    """TIS: per token w = min(exp(old - sampler), C) multiplies the clipped surrogate only (the
+    KL and entropy terms are unweighted), as verl applies rollout_is_weights."""
+    logp, old, ref, ent, adv, mask = pg_inputs()
+    sampler = old + RNG.normal(size=old.shape) * 0.8  # ratios on both sides of C = 2
+    cap, eps_lo, eps_hi, beta, ent_coef, max_len = 2.0, 0.2, 0.28, 0.04, 0.01, 16
+    b = logp.shape[0]
+    w = np.minimum(np.exp(old - sampler), cap)
+    assert ((np.exp(old - sampler) > cap) & (mask > 0)).any() and (w[mask > 0] < 1).any()
+    if loss_type == "gspo":
+        ratio = np.exp((((logp - old) * mask).sum(1) / np.maximum(mask.sum(1), 1)))[:, None]
+        ratio = np.broadcast_to(ratio, logp.shape)
+    else:
+        ratio = np.exp(logp - old)
+    surrogate = -np.minimum(ratio * adv[:, None], np.clip(ratio, 1 - eps_lo, 1 + eps_hi)
+                            * adv[:, None])
+    kl = np.exp(ref - logp) - (ref - logp) - 1
+    agg = {"grpo": "seq-mean-token-mean", "gspo": "seq-mean-token-mean",
+           "dapo": "token-mean"}[loss_type]
+    want = (np_aggregate(agg, w * surrogate + beta * kl, mask, max_len)
+            - ent_coef * np_aggregate(agg, ent, mask, max_len))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    norms = L.Norms(jnp.float32(b), jnp.float32(mask.sum()), jnp.float32(max_len))
+    kw = dict(epsilon_low=eps_lo, epsilon_high=eps_hi, beta=beta, entropy_coef=ent_coef,
+              ref_logp=f32(ref), entropy=f32(ent))
+    got, m = L.PG_LOSSES[loss_type](f32(logp), f32(old), f32(adv), f32(mask), norms,
+                                    sampler_logp=f32(sampler), tis_cap=cap, **kw)
+    np.testing.assert_allclose(float(got), want, rtol=2e-5, atol=1e-6)
+    tm = lambda x: (x * mask).sum() / mask.sum()  # noqa: E731
+    np.testing.assert_allclose(float(m["tis/weight_mean"]), tm(w), rtol=1e-5)
+    np.testing.assert_allclose(float(m["tis/clip_fraction"]), tm(np.exp(old - sampler) > cap),
+                               rtol=1e-5)
+    # the weight is a constant: the gradient is w times the unweighted surrogate's gradient
+    import jax
+
+    def loss(lp, **extra):
+        return L.PG_LOSSES[loss_type](lp, f32(old), f32(adv), f32(mask), norms,
+                                      epsilon_low=eps_lo, epsilon_high=eps_hi, **extra)[0]
+
+    g_tis = jax.grad(lambda lp: loss(lp, sampler_logp=f32(sampler), tis_cap=cap))(f32(logp))
+    g_raw = jax.grad(loss)(f32(logp))
+    if loss_type != "gspo":  # token ratio: per-token gradients scale by w exactly
+        np.testing.assert_allclose(np.asarray(g_tis), w * np.asarray(g_raw), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="sampler_logprobs"):
+        L.PG_LOSSES[loss_type](f32(logp), f32(old), f32(adv), f32(mask), norms, tis_cap=cap, **kw)
+    # without TIS no tis metrics and the unweighted loss
+    got_off, m_off = L.PG_LOSSES[loss_type](f32(logp), f32(old), f32(adv), f32(mask), norms, **kw)
+    assert "tis/weight_mean" not in m_off and abs(float(got_off) - want) > 1e-4
+
+
+def test_tempered_token_logprobs_match_numpy():
+    """logits / T per row: the log-probs of the tempered distribution the sampler draws from."""
+    batch, logits = random_packed_batch()
+    temps = np.array([0.6, 1.0, 1.7], np.float32)
+    want = np_token_logprobs(logits / temps[:, None, None], batch["tokens"])
+    got = L.token_logprobs(jnp.asarray(logits), batch["tokens"], jnp.asarray(temps))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    scalar = L.token_logprobs(jnp.asarray(logits), batch["tokens"], 0.6)
+    np.testing.assert_allclose(np.asarray(scalar),
+                               np_token_logprobs(logits / 0.6, batch["tokens"]), rtol=1e-5,
+                               atol=1e-5)
+    lp = np_log_softmax(logits.astype(np.float64) / temps[:, None, None])
+    ent = L.token_stats(jnp.asarray(logits), batch["tokens"], entropy=True,
+                        temperature=jnp.asarray(temps)).entropy
+    np.testing.assert_allclose(np.asarray(ent)[:, 1:], -(np.exp(lp) * lp).sum(-1)[:, :-1],
+                               rtol=1e-5)

@@ -38,11 +38,26 @@ def test_plus_wrong(length, expected):
 @pytest.mark.parametrize("length", [0, 3702, 25600, 28672, 31744])
 @pytest.mark.parametrize("correct", [True, False])
 def test_plus_incomplete_and_malformed(length, correct):
+    """No stop token within the budget is incomplete (-0.5) whatever the text; only a finished
+    response is judged on its think block (-1.0 when malformed)."""
     assert plus(length, correct=correct, finished=False) == -0.5
     for bad in ("no think block \\boxed{4}", "<think>a</think><think>b</think>",
                 "<think>never closed", "preamble <think>a</think>", "</think> <think>"):
         assert plus(length, correct=correct, finished=True, text=bad) == -1.0
-        assert plus(length, correct=correct, finished=False, text=bad) == -1.0
+        assert plus(length, correct=correct, finished=False, text=bad) == -0.5
+
+
+def test_plus_cut_while_thinking_is_incomplete():
+    """The common truncation: the budget runs out inside the think block (no </think>, no stop
+    token). That is the incomplete case (-0.5), not a malformed response (-1.0)."""
+    cut = "<think>Let me expand (a+b)^2 term by term, then"
+    assert not think_block_ok(cut)
+    assert plus(31744, correct=False, finished=False, text=cut) == -0.5
+    assert plus(31744, correct=False, finished=True, text=cut) == -1.0  # stopped: malformed
+    fn = make_reward_fn(PHI4_PLUS_REWARDS)
+    # the composite: 8/13 * -0.5 plus the repetition term (8 distinct words: -5/8)
+    assert fn(Completion(cut, 31744, False, False)) == pytest.approx(
+        8 / 13 * -0.5 + 1 / 13 * -5 / 8)
 
 
 def test_plus_constants_configurable():

@@ -250,3 +250,65 @@ def test_sharded_step_matches_single_device(sft_steps):
     assert wq.sharding == param_shardings(CFG, mesh)["layers"]["wq"]
     got_state, _ = step(got_state, place_batch(batch, mesh))  # a second step: same shardings
     assert got_state.params["layers"]["wq"].sharding == wq.sharding
+
+
+def _np_tempered_logprobs(params, batch, temps):
+    """Old log-probs written out from the model's full logits: log softmax(logits / T_row)."""
+    from phi_reason.model.decoder import forward
+    logits = np.asarray(forward(params, batch["tokens"], CFG, positions=batch["positions"],
+                                segment_ids=batch["segment_ids"]), np.float64)
+    x = logits / np.asarray(temps, np.float64)[:, None, None]
+    x = x - x.max(-1, keepdims=True)
+    lp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    out = np.zeros(batch["tokens"].shape)
+    out[:, 1:] = np.take_along_axis(lp[:, :-1], batch["tokens"][:, 1:, None], -1)[..., 0]
+    return out.astype(np.float32)
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+def test_pg_step_log_probs_at_the_batch_temperature(chunk):
+    """With batch["temperature"] the step's log pi is log softmax(logits / T) row by row: old
+    log-probs of the tempered distribution give ratio 1 (and without the key they do not). The
+    temperature is traced: a second temperature reuses the compiled step."""
+    rng = np.random.default_rng(8)
+    temps = np.array([0.6, 0.6, 1.0, 0.3], np.float32)
+    batch = dict(rows(rng), advantages=rng.normal(size=B).astype(np.float32))
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    batch["old_logprobs"] = _np_tempered_logprobs(params, batch, temps)
+    tc = dataclasses.replace(train_cfg(**{"pg.loss_type": "grpo"}), logits_chunk=chunk)
+    step = make_pg_step(CFG, tc)
+    _, m = step(fresh_state(tc), dict(batch, temperature=temps))
+    np.testing.assert_allclose([float(m["ratio/min"]), float(m["ratio/max"])], [1.0, 1.0],
+                               atol=2e-5)
+    _, m2 = step(fresh_state(tc), dict(batch, temperature=np.full(B, 0.45, np.float32)))
+    assert float(m2["ratio/max"]) > 1.01  # a different temperature, a different policy
+    assert step._cache_size() == 1  # ... and the same compiled program
+    _, m1 = make_pg_step(CFG, tc)(fresh_state(tc), batch)  # no temperature: T = 1
+    assert float(m1["ratio/max"]) > 1.01 or float(m1["ratio/min"]) < 0.99
+
+
+def test_pg_step_loss_agg_and_tis():
+    """train.pg.loss_agg replaces the loss_type's aggregation in the step (on-policy: the loss is
+    the aggregated -A); train.pg.tis weights each token by min(exp(old - sampler), C)."""
+    rng = np.random.default_rng(9)
+    batch = dict(rows(rng), advantages=rng.normal(size=B).astype(np.float32))
+    mask = (batch["loss_mask"][:, 1:] * (batch["segment_ids"][:, 1:] > 0)).astype(np.float64)
+    mask = np.pad(mask, ((0, 0), (1, 0)))
+    adv = batch["advantages"].astype(np.float64)
+    tc = train_cfg(**{"pg.loss_type": "grpo", "pg.loss_agg": "seq-mean-token-sum"})
+    _, m = make_pg_step(CFG, tc)(fresh_state(tc), batch)
+    np.testing.assert_allclose(float(m["loss"]), -(adv[:, None] * mask).sum() / B, rtol=1e-5)
+    # TIS with the old log-probs recomputed exactly (ratio 1) and a perturbed sampler
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    old = _np_tempered_logprobs(params, batch, np.ones(B))
+    sampler = (old + rng.normal(size=old.shape) * 0.8).astype(np.float32)
+    tc = train_cfg(**{"pg.loss_type": "dapo", "pg.tis": "true", "pg.tis_cap": 2.0})
+    _, m = make_pg_step(CFG, tc)(fresh_state(tc), dict(batch, old_logprobs=old,
+                                                      sampler_logprobs=sampler))
+    w = np.minimum(np.exp(old.astype(np.float64) - sampler), 2.0)
+    np.testing.assert_allclose(float(m["loss"]), -(w * adv[:, None] * mask).sum() / mask.sum(),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(m["tis/weight_mean"]), (w * mask).sum() / mask.sum(),
+                               rtol=1e-4)
+    with pytest.raises(ValueError, match="sampler_logprobs"):
+        make_pg_step(CFG, tc)(fresh_state(tc), dict(batch, old_logprobs=old))

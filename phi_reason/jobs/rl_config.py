@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from ..config import RunConfig, RunConfigError, check_registered, load_run_config
 from ..train.advantages import ADVANTAGES, SCALE_MODES
+from ..train.policy import LOGPROB_TEMPERATURES
 from ..train.rewards import RewardSpec, make_reward_fn
 from ..train.schedules import TemperatureSchedule
 
@@ -64,9 +65,18 @@ class RLSection:
     min_pass_rate: float = 0.0
     max_pass_rate: float = 1.0
     filter_all_wrong: bool = True  # with prompt_filter: also drop groups that never succeed
+    # The temperature of every policy-gradient log-prob (old, new, reference; entropy too):
+    # "sampling" (default): softmax(logits / T) at the step's sampling temperature T, as trl and
+    # verl do, so the ratio and KL are those of the distribution the rollouts came from (T travels
+    # in the batch as a traced [B] array: annealing recompiles nothing). "one": the policy at
+    # T = 1 whatever it was sampled at (the behaviour before this option). Greedy (T = 0): T = 1.
+    logprob_temperature: str = "sampling"
     # "recompute": old log-probs by one forward pass of the pre-update policy (exact for any mu,
     # any minibatch count). "sampler": the sampler's own log-probs (skips that pass; only valid when
-    # mu == 1, one minibatch per step and temperature 1, where old == current policy).
+    # mu == 1 and one minibatch per step, where old == current policy, and the sampler's log-probs
+    # are at the trainer's temperature: temperature 1, or logprob_temperature sampling with
+    # fold_temperature). The sampler/trainer mismatch (mismatch/* metrics) is logged every step
+    # with recompute.
     old_logprobs: str = "recompute"
     reference_on_host: bool = False  # beta > 0: keep the frozen reference params in host memory
     grader_workers: int = 2
@@ -90,6 +100,16 @@ class RLRunConfig(RunConfig):
     def updates_per_step(self) -> int:
         return self.rl.mu * self.rows_per_step() // self.train.batch_size
 
+    def sampler_logprobs_match(self) -> bool:
+        """Whether the sampler's log-probs are of the distribution the trainer's log-probs are
+        computed at, at every temperature of the schedule: with fold_temperature the sampler's
+        log-probs are tempered (softmax(logits / T)), without it they are at T = 1."""
+        t = self.rl.temperature
+        values = {t.start} if t.anneal_steps == 0 else {t.start, t.end}
+        if len(values) == 1 and values <= {0.0, 1.0}:
+            return True  # T = 1 (or greedy: log-probs at 1) at every step, for both
+        return (self.rl.logprob_temperature == "sampling") == self.rl.fold_temperature
+
     def validate(self, where: str = "rl config") -> None:
         rl = self.rl
 
@@ -112,13 +132,31 @@ class RLRunConfig(RunConfig):
                 check_registered(f"rl.{key}", getattr(rl, key), registry)
             except RunConfigError as e:
                 raise RunConfigError(f"{where}: {e}") from None
+        try:
+            self.train.pg.validate("train.pg")
+        except RunConfigError as e:
+            raise RunConfigError(f"{where}: {e}") from None
+        if rl.logprob_temperature not in LOGPROB_TEMPERATURES:
+            bad("logprob_temperature", f"must be one of {', '.join(LOGPROB_TEMPERATURES)}, got "
+                f"{rl.logprob_temperature!r}")
         if rl.old_logprobs not in ("recompute", "sampler"):
             bad("old_logprobs", f"must be recompute or sampler, got {rl.old_logprobs!r}")
         if rl.old_logprobs == "sampler" and (rl.mu != 1 or self.updates_per_step() != 1
-                                             or rl.temperature.start != 1.0
-                                             or rl.temperature.end != 1.0):
+                                             or not self.sampler_logprobs_match()):
             bad("old_logprobs", "'sampler' is only exact with mu = 1, one update per step and "
-                "temperature 1.0; use 'recompute'")
+                "the sampler's log-probs at the trainer's temperature (temperature 1.0, or "
+                "logprob_temperature 'sampling' with fold_temperature); use 'recompute'")
+        if self.train.pg.tis:
+            if rl.old_logprobs == "sampler":
+                raise RunConfigError(
+                    f"{where}: train.pg.tis: weighs recomputed old log-probs against the "
+                    "sampler's; with rl.old_logprobs=sampler they are the same (weight 1): "
+                    "use rl.old_logprobs=recompute")
+            if not self.sampler_logprobs_match():
+                raise RunConfigError(
+                    f"{where}: train.pg.tis: the sampler's log-probs are not at the trainer's "
+                    "temperature (set rl.fold_temperature=true with "
+                    "rl.logprob_temperature=sampling)")
         if rl.oversample < 1.0:
             bad("oversample", f"must be >= 1, got {rl.oversample}")
         if not 0.0 <= rl.min_pass_rate <= rl.max_pass_rate <= 1.0:

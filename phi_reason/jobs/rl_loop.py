@@ -19,7 +19,17 @@ which is exact for any number of minibatches and epochs (after the first update 
 moved, so the per-update on-policy shortcut would be wrong) and matches the training numerics
 (the sampler's KV-cache path differs by rounding). `rl.old_logprobs = sampler` takes the
 sampler's log-probs instead and is only allowed where old == current policy: mu = 1, one update
-per step and temperature 1.
+per step, and the sampler's log-probs at the trainer's temperature.
+
+Temperature: rollouts are sampled at the scheduled temperature T (folded into `final_norm`, so
+the sampler's log-probs are those of softmax(logits / T)). With `rl.logprob_temperature =
+sampling` (default, as trl and verl) every policy-gradient log-prob - old, new, reference - is
+computed from logits / T too: the batch carries a per-row `temperature` [B] (a traced array, so
+annealing recompiles nothing). `one` computes them at T = 1 (the behaviour before the option).
+
+Sampler/trainer mismatch: with recomputed old log-probs every step logs `mismatch/*` (mean
+|delta log p|, k3 KL(sampler || trainer), max / min ratio p_trainer / p_sampler) over every
+sampled row; `train.pg.tis` weights each token's surrogate by min(exp(old - sampler), C).
 
 `extra_state()` / `load_extra_state()` hold what a checkpoint needs beyond the TrainState: the RL
 step, the prompt-iterator position and retired prompts (the temperature is a function of the step).
@@ -43,7 +53,12 @@ from ..train.advantages import (
     nonzero_variance_groups,
     pass_rate_keep,
 )
-from ..train.policy import fold_temperature, make_token_logprob_fn
+from ..train.policy import (
+    fold_temperature,
+    logprob_mismatch,
+    logprob_temperature,
+    make_token_logprob_fn,
+)
 from ..train.rewards import make_reward_fn
 from ..train.rollouts import Group, Prompt, build_pg_batch, pad_length, score_groups
 from ..train.state import TrainState
@@ -147,9 +162,14 @@ class RLLoop:
     def decode(self, tokens) -> list:
         return [completion_text(self.tokenizer, t, self.stop_ids) for t in tokens]
 
-    def row_logprobs(self, params, prompt_rows, completions) -> list:
-        """Per-row completion log-probs under params, in minibatches of train.batch_size rows
-        (padded to a multiple of rl.pad_multiple, so shapes repeat across steps)."""
+    def logprob_temperature(self, temperature: float) -> float:
+        """The temperature of the policy-gradient log-probs of rows sampled at `temperature`."""
+        return logprob_temperature(temperature, self.rl.logprob_temperature)
+
+    def row_logprobs(self, params, prompt_rows, completions, temperature: float = 1.0) -> list:
+        """Per-row completion log-probs under params at `temperature` (of softmax(logits / T)), in
+        minibatches of train.batch_size rows (padded to a multiple of rl.pad_multiple, so shapes
+        repeat across steps; the temperature is a traced [B] array, so it never recompiles)."""
         bs = self.config.train.batch_size
         out = []
         for start in range(0, len(completions), bs):
@@ -158,7 +178,9 @@ class RLLoop:
             p, c = list(p) + [[0]] * (bs - n_real), list(c) + [[]] * (bs - n_real)
             length = pad_length(max(len(a) + len(b) for a, b in zip(p, c)), self.rl.pad_multiple)
             batch = build_pg_batch(p, c, np.zeros(bs), length)
-            inputs = self.place({k: batch[k] for k in ("tokens", "positions", "segment_ids")})
+            inputs = {k: batch[k] for k in ("tokens", "positions", "segment_ids")}
+            inputs["temperature"] = np.full(bs, temperature, np.float32)
+            inputs = self.place(inputs)
             lp = np.asarray(self.logprob_fn(params, inputs))
             out.extend(lp[i, len(p[i]):len(p[i]) + len(c[i])].tolist() for i in range(n_real))
         return out
@@ -171,17 +193,19 @@ class RLLoop:
         answers = [p.answer for p in prompts for _ in range(g)]
         pending = submit_grading(self.grader, list(zip(texts, answers)), "reward")
         prompt_rows = [p.ids for p in prompts for _ in range(g)]
+        lp_temperature = self.logprob_temperature(temperature)
         old = (out.logprobs if self.rl.old_logprobs == "sampler"
-               else self.row_logprobs(self.state.params, prompt_rows, out.tokens))
+               else self.row_logprobs(self.state.params, prompt_rows, out.tokens, lp_temperature))
         ref = None
         if self.ref_params is not None:
-            ref = self.row_logprobs(self.ref_params, prompt_rows, out.tokens)
+            ref = self.row_logprobs(self.ref_params, prompt_rows, out.tokens, lp_temperature)
         correct = pending()
         groups = score_groups(prompts, out.tokens, out.logprobs, out.finish_reasons, texts, correct,
                               g, self.reward_fn)
         for i, grp in enumerate(groups):
             grp.old_logprobs = old[i * g:(i + 1) * g]
             grp.ref_logprobs = None if ref is None else ref[i * g:(i + 1) * g]
+            grp.temperature = lp_temperature
         return groups
 
     def keep_mask(self, groups: Sequence[Group]) -> np.ndarray:
@@ -218,8 +242,10 @@ class RLLoop:
     def minibatches(self, groups: Sequence[Group], rng: np.random.Generator) -> list:
         """Shuffled minibatches of train.batch_size rows (short last one padded with empty rows)."""
         rows = [(grp.prompt.ids, grp.tokens[j], float(grp.advantages[j]), grp.old_logprobs[j],
-                 None if grp.ref_logprobs is None else grp.ref_logprobs[j])
+                 None if grp.ref_logprobs is None else grp.ref_logprobs[j], grp.temperature,
+                 grp.logprobs[j])
                 for grp in groups for j in range(len(grp.tokens))]
+        tis = self.config.train.pg.tis
         order = rng.permutation(len(rows))
         bs = self.config.train.batch_size
         batches = []
@@ -233,10 +259,16 @@ class RLLoop:
             batch = build_pg_batch(prompts, comps, [r[2] for r in chunk] + [0.0] * n_pad, length,
                                    old_logprobs=[r[3] for r in chunk] + [[]] * n_pad)
             batch["segment_ids"][len(chunk):] = 0  # padding rows: no tokens, no loss
+            # per row, [B]: sharded over the batch axes like the rest (padding rows: 1.0)
+            batch["temperature"] = np.asarray([r[5] for r in chunk] + [1.0] * n_pad, np.float32)
             if self.ref_params is not None:
                 ref = build_pg_batch(prompts, comps, np.zeros(bs), length,
                                      old_logprobs=[r[4] for r in chunk] + [[]] * n_pad)
                 batch["ref_logprobs"] = ref["old_logprobs"]
+            if tis:
+                sampler = build_pg_batch(prompts, comps, np.zeros(bs), length,
+                                         old_logprobs=[r[6] for r in chunk] + [[]] * n_pad)
+                batch["sampler_logprobs"] = sampler["old_logprobs"]
             batches.append(batch)
         return batches
 
@@ -263,6 +295,9 @@ class RLLoop:
         kept, sampled = self.collect(temperature)
         t1 = time.perf_counter()
         metrics = rollout_metrics(sampled, kept)
+        if self.rl.old_logprobs == "recompute":
+            metrics.update(logprob_mismatch([r for g in sampled for r in g.logprobs],
+                                            [r for g in sampled for r in g.old_logprobs]))
         if kept:
             adv = compute_advantages(self.rl.advantage, np.stack([g.rewards for g in kept]),
                                      scale_rewards=self.rl.scale_rewards, eps=self.rl.advantage_eps)

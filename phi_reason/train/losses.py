@@ -19,6 +19,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 # --------------------------------------------------------------------------- token helpers
@@ -39,10 +40,24 @@ class TokenStats(NamedTuple):
     entropy: Optional[jax.Array] = None
 
 
-def shifted_token_stats(logits, targets, entropy: bool = False):
-    """Logits [B, n, V] that predict targets [B, n] (already shifted) -> (logp, correct, entropy
-    or None), each [B, n] float32. The one formula behind the full and the chunked paths."""
+def tempered(logits, temperature=None):
+    """float32 logits divided by the sampling temperature: a scalar or one per row ([B], for
+    logits [B, ..., V]); None leaves them as they are (T = 1). The division is by a traced value,
+    so an annealed temperature never recompiles anything."""
     logits = logits.astype(jnp.float32)
+    if temperature is None:
+        return logits
+    t = jnp.asarray(temperature, jnp.float32)
+    if t.ndim:  # per row
+        t = t.reshape(t.shape + (1,) * (logits.ndim - t.ndim))
+    return logits / t
+
+
+def shifted_token_stats(logits, targets, entropy: bool = False, temperature=None):
+    """Logits [B, n, V] that predict targets [B, n] (already shifted) -> (logp, correct, entropy
+    or None), each [B, n] float32, of the distribution softmax(logits / temperature) (see
+    `tempered`). The one formula behind the full and the chunked paths."""
+    logits = tempered(logits, temperature)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     logp = picked - jax.nn.logsumexp(logits, axis=-1)
     correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
@@ -59,15 +74,16 @@ def align_to_tokens(x):
     return None if x is None else jnp.pad(x, ((0, 0), (1, 0)))
 
 
-def token_stats(logits, tokens, entropy: bool = False) -> TokenStats:
-    """TokenStats from full logits [B, T, V]."""
-    stats = shifted_token_stats(logits[:, :-1], jnp.asarray(tokens)[:, 1:], entropy)
+def token_stats(logits, tokens, entropy: bool = False, temperature=None) -> TokenStats:
+    """TokenStats from full logits [B, T, V] (divided by `temperature`, scalar or [B], if given)."""
+    stats = shifted_token_stats(logits[:, :-1], jnp.asarray(tokens)[:, 1:], entropy, temperature)
     return TokenStats(*map(align_to_tokens, stats))
 
 
-def token_logprobs(logits, tokens) -> jax.Array:
-    """[B, T] float32 log p(token t | tokens < t) from logits [B, T, V]; position 0 is 0."""
-    return token_stats(logits, tokens).logp
+def token_logprobs(logits, tokens, temperature=None) -> jax.Array:
+    """[B, T] float32 log p(token t | tokens < t) from logits [B, T, V] (at `temperature`, scalar
+    or [B]; None: T = 1); position 0 is 0."""
+    return token_stats(logits, tokens, temperature=temperature).logp
 
 
 # --------------------------------------------------------------------------- SFT
@@ -148,37 +164,69 @@ class Norms(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class PGVariant:
     importance: str  # "token" ratio per token | "sequence": exp(mean token log-ratio) (GSPO)
-    aggregate: str  # "sequence_mean" | "fixed_length" | "global_token_mean"
+    aggregate: str  # the default loss aggregation: a name in PG_AGGREGATIONS
 
 
+def _seq_mean_token_mean(x, mask, norms: Norms):
+    per_seq = jnp.sum(x * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+    return jnp.sum(per_seq) / norms.sequences
+
+
+# Loss aggregation, named as verl's `actor.loss_agg_mode` names them. x: per-token [b, T] values
+# of one micro-batch, mask: its target tokens; the normalisers are the global batch's (`Norms`),
+# so micro-batch results sum to the full batch's. B = sequences in the global batch (empty
+# padding rows included: a short minibatch takes a proportionally smaller step), N = its target
+# tokens, L = `Norms.max_length` (train.pg.max_completion_length, default the padded length).
+PG_AGGREGATIONS: Dict[str, Callable] = {
+    # sum over all tokens / N: every token weighs the same (DAPO; trl "dapo", verl's default)
+    "token-mean": lambda x, mask, norms: jnp.sum(x * mask) / norms.tokens,
+    # mean over each sequence's tokens, then over the B sequences (GRPO paper; trl "grpo")
+    "seq-mean-token-mean": _seq_mean_token_mean,
+    # each sequence's token sum, mean over the B sequences (verl; no trl loss_type)
+    "seq-mean-token-sum": lambda x, mask, norms: jnp.sum(x * mask) / norms.sequences,
+    # Dr. GRPO's constant normaliser: token sum / (B * L) (trl "dr_grpo"; verl's mode of this name
+    # divides by its constant `loss_scale_factor`, default the padded response length)
+    "seq-mean-token-sum-norm": lambda x, mask, norms: (
+        jnp.sum(x * mask) / (norms.sequences * norms.max_length)),
+}
+
+# Each loss_type's default aggregation (train.pg.loss_agg overrides it). For reference: trl's
+# GRPOConfig.loss_type defaults to "dapo" (= token-mean) and verl's actor.loss_agg_mode to
+# "token-mean"; our default loss_type "grpo" keeps the GRPO paper's seq-mean-token-mean.
 PG_VARIANTS = {
-    "grpo": PGVariant("token", "sequence_mean"),
-    "dr_grpo": PGVariant("token", "fixed_length"),
-    "dapo": PGVariant("token", "global_token_mean"),
-    "gspo": PGVariant("sequence", "sequence_mean"),
+    "grpo": PGVariant("token", "seq-mean-token-mean"),
+    "dr_grpo": PGVariant("token", "seq-mean-token-sum-norm"),
+    "dapo": PGVariant("token", "token-mean"),
+    "gspo": PGVariant("sequence", "seq-mean-token-mean"),
 }
 
 
 def _aggregate(per_token, mask, how, norms: Norms):
-    if how == "sequence_mean":  # mean over each sequence's tokens, then over sequences
-        per_seq = jnp.sum(per_token * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
-        return jnp.sum(per_seq) / norms.sequences
-    if how == "fixed_length":  # token sum / (batch * max completion length)
-        return jnp.sum(per_token * mask) / (norms.sequences * norms.max_length)
-    if how == "global_token_mean":
-        return jnp.sum(per_token * mask) / norms.tokens
-    raise ValueError(f"unknown aggregation {how!r}")
+    if how not in PG_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation {how!r}; choose from {sorted(PG_AGGREGATIONS)}")
+    return PG_AGGREGATIONS[how](per_token, mask, norms)
+
+
+def truncated_is_weights(old_logp, sampler_logp, cap):
+    """Truncated importance sampling (TIS; Yao et al. 2025, verl's rollout_is=token): per-token
+    min(exp(old - sampler), cap), the correction for sampling from the sampler's numerics while
+    the loss uses the trainer's. A constant (no gradient)."""
+    return lax.stop_gradient(jnp.minimum(jnp.exp(old_logp - sampler_logp), cap))
 
 
 def policy_gradient_loss(variant: PGVariant, logp, old_logp, advantages, mask, norms: Norms, *,
                          epsilon_low, epsilon_high, beta=0.0, ref_logp=None, entropy=None,
-                         entropy_coef=0.0):
+                         entropy_coef=0.0, loss_agg=None, sampler_logp=None, tis_cap=None):
     """Clipped surrogate (trl GRPOTrainer semantics) for one micro-batch.
 
-    logp / old_logp / ref_logp / entropy / mask: [b, T] aligned to tokens; advantages [b].
-    loss per token = -min(r A, clip(r, 1-eps_low, 1+eps_high) A) + beta * k3_KL, aggregated per
-    variant; minus `entropy_coef` * the entropy aggregated the same way."""
+    logp / old_logp / ref_logp / entropy / sampler_logp / mask: [b, T] aligned to tokens;
+    advantages [b]. loss per token = -w * min(r A, clip(r, 1-eps_low, 1+eps_high) A)
+    + beta * k3_KL, aggregated by `loss_agg` (a PG_AGGREGATIONS name; None: the variant's own);
+    minus `entropy_coef` * the entropy aggregated the same way. w = 1, or with `tis_cap` the
+    truncated importance weight min(exp(old - sampler), tis_cap) (only the surrogate is weighted,
+    as in verl; the KL and entropy terms are not)."""
     mask = mask.astype(jnp.float32)
+    how = variant.aggregate if loss_agg is None else loss_agg
     log_ratio = logp - old_logp
     if variant.importance == "sequence":
         seq = jnp.sum(log_ratio * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
@@ -188,6 +236,15 @@ def policy_gradient_loss(variant: PGVariant, logp, old_logp, advantages, mask, n
     clipped = jnp.clip(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -jnp.minimum(ratio * adv, clipped * adv)
     metrics = {}
+    if tis_cap is not None:
+        if sampler_logp is None:
+            raise ValueError("policy_gradient_loss: truncated IS needs sampler_logprobs "
+                             "in the batch")
+        w = truncated_is_weights(old_logp, sampler_logp, tis_cap)
+        per_token = per_token * w
+        metrics["tis/weight_mean"] = jnp.sum(w * mask) / norms.tokens
+        metrics["tis/clip_fraction"] = jnp.sum((w >= tis_cap).astype(jnp.float32)
+                                               * mask) / norms.tokens
     if beta:
         if ref_logp is None:
             raise ValueError("policy_gradient_loss: beta > 0 needs ref_logprobs in the batch")
@@ -195,10 +252,10 @@ def policy_gradient_loss(variant: PGVariant, logp, old_logp, advantages, mask, n
         kl = jnp.exp(d) - d - 1.0  # k3 estimator of KL(pi || ref)
         per_token = per_token + beta * kl
         metrics["kl"] = jnp.sum(jax.lax.stop_gradient(kl) * mask) / norms.tokens
-    loss = _aggregate(per_token, mask, variant.aggregate, norms)
+    loss = _aggregate(per_token, mask, how, norms)
     if entropy is not None:
         if entropy_coef:
-            loss = loss - entropy_coef * _aggregate(entropy, mask, variant.aggregate, norms)
+            loss = loss - entropy_coef * _aggregate(entropy, mask, how, norms)
         metrics["entropy"] = jnp.sum(jax.lax.stop_gradient(entropy) * mask) / norms.tokens
     r = jax.lax.stop_gradient(ratio)
     low = ((r < 1 - epsilon_low) & (adv < 0)).astype(jnp.float32)

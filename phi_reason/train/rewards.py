@@ -8,6 +8,11 @@ Phi-4-reasoning-plus recipe is
 
 and the Phi-4-mini-reasoning recipe is `[RewardSpec("binary", 1.0)]`.
 
+A reward that has both an incomplete case (no stop token within the budget) and a malformed case
+decides incomplete first: a response cut off mid-thought has no `</think>` yet, so its format is
+unknown; only a finished response can be malformed (`phi4_plus_length`; `binary` has no format
+case).
+
 Lengths are counted in response tokens: `Completion.num_tokens` is the number of generated tokens,
 including the stop token that ended the row (what the sampler returns).
 """
@@ -80,12 +85,16 @@ def phi4_plus_length_reward(c: Completion, *, l_max: int = 31744, l_pos_control:
       (1.0 up to 25,600 tokens, then falling to 0.5 at 31,744: long correct answers are tolerated);
     wrong:   r = min(1, L / l_neg_control), R = -0.5 - 0.25(1 + cos pi r)
       (-1.0 at L = 0 rising to -0.5 from 3,702 tokens: a wrong answer should at least think longer);
-    no stop token within the budget: -0.5; malformed think block: -1.0 (checked first).
+    no stop token within the budget: -0.5 (checked first); malformed think block: -1.0.
+
+    Order (the rule for every reward with both cases): a response cut at the budget while still
+    thinking has no `</think>` yet, so its think block cannot be judged; it is incomplete, never
+    malformed. Only a finished response (stop token within the budget) is checked for format.
     """
-    if check_think and not think_block_ok(c.text, open_tag, close_tag):
-        return malformed_value
     if not c.finished:
         return incomplete_value
+    if check_think and not think_block_ok(c.text, open_tag, close_tag):
+        return malformed_value
     length = c.num_tokens
     if c.correct:
         r = min(1.0, max(length - l_pos_control, 0) / (l_max - l_pos_control))

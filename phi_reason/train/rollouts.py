@@ -38,6 +38,9 @@ class Group:
     advantages: Optional[np.ndarray] = None  # [G], set by the RL loop
     old_logprobs: Optional[list] = None  # G lists: pre-update policy log-probs (RL loop)
     ref_logprobs: Optional[list] = None  # G lists: reference log-probs (only when beta > 0)
+    # The temperature the policy-gradient log-probs of these rows are computed at (the RL loop
+    # sets it: the sampling temperature, or 1.0 with rl.logprob_temperature = one)
+    temperature: float = 1.0
 
     @property
     def lengths(self) -> np.ndarray:

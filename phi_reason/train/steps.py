@@ -19,6 +19,7 @@ from jax import lax
 from ..model.config import ModelConfig
 from .losses import (
     DPO_LENGTH_NORMALISED,
+    PG_AGGREGATIONS,
     PG_LOSSES,
     SFT_LOSSES,
     Norms,
@@ -174,34 +175,49 @@ def make_reference_logps_fn(cfg: ModelConfig, mesh=None) -> Callable:
 # --------------------------------------------------------------------------- policy gradient
 def make_pg_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
     """Batch: tokens, positions, segment_ids, loss_mask (1 on completion tokens), advantages [B],
-    optionally old_logprobs / ref_logprobs [B, T] aligned to tokens. Without old_logprobs the
-    step is on-policy (ratio 1 with the gradient of log pi)."""
+    optionally old_logprobs / ref_logprobs / sampler_logprobs [B, T] aligned to tokens and
+    temperature [B]. Without old_logprobs the step is on-policy (ratio 1 with the gradient of
+    log pi). With `temperature` the policy's log-probs (and entropy) are those of softmax(logits /
+    T), row by row, as trl and verl compute them: old and reference log-probs must then be at the
+    same temperature (`make_token_logprob_fn` with the same key). The temperature is a traced
+    array, so an annealed temperature does not recompile the step. `sampler_logprobs` are needed
+    by train.pg.tis (truncated importance sampling)."""
     p = train_cfg.pg
     if p.loss_type not in PG_LOSSES:
         raise ValueError(f"train.pg.loss_type: unknown {p.loss_type!r}; "
                          f"choose from {sorted(PG_LOSSES)}")
+    if p.loss_agg is not None and p.loss_agg not in PG_AGGREGATIONS:
+        raise ValueError(f"train.pg.loss_agg: unknown {p.loss_agg!r}; "
+                         f"choose from {sorted(PG_AGGREGATIONS)}")
     loss_impl = PG_LOSSES[p.loss_type]
     optimizer, schedule = make_optimizer(train_cfg, cfg)
     constrain = _constraint(mesh)
+    tis_cap = p.tis_cap if p.tis else None
 
     def step(state: TrainState, batch):
         b, t = batch["tokens"].shape
         mask_all = target_mask(batch)
         norms = Norms(sequences=jnp.float32(b), tokens=jnp.maximum(jnp.sum(mask_all), 1.0),
                       max_length=jnp.float32(p.max_completion_length or t))
+        if tis_cap is not None and "sampler_logprobs" not in batch:
+            raise ValueError("train.pg.tis: the batch has no sampler_logprobs")
 
         def loss_fn(params, mb):
             stats = model_token_stats(params, cfg, mb, constrain=constrain,
-                                      chunk=train_cfg.logits_chunk, entropy=True)
+                                      chunk=train_cfg.logits_chunk, entropy=True,
+                                      temperature=mb.get("temperature"))
             logp, entropy = stats.logp, stats.entropy
             old = mb.get("old_logprobs")
             old = lax.stop_gradient(logp) if old is None else old.astype(jnp.float32)
             if not p.entropy_coef:
                 entropy = lax.stop_gradient(entropy)
+            sampler = mb.get("sampler_logprobs")
             return loss_impl(logp, old, mb["advantages"], target_mask(mb), norms,
                              epsilon_low=p.epsilon_low, epsilon_high=p.epsilon_high,
                              beta=p.beta, ref_logp=mb.get("ref_logprobs"), entropy=entropy,
-                             entropy_coef=p.entropy_coef)
+                             entropy_coef=p.entropy_coef, loss_agg=p.loss_agg,
+                             sampler_logp=None if sampler is None else sampler.astype(jnp.float32),
+                             tis_cap=tis_cap)
 
         grads, metrics = _accumulate(loss_fn, state.params, batch,
                                      train_cfg.accumulation_steps)

@@ -19,9 +19,9 @@ from .losses import TokenStats, align_to_tokens, shifted_token_stats, target_mas
 
 
 def chunked_token_stats(params, h, tokens, cfg: ModelConfig, chunk: int,
-                        entropy: bool = False) -> TokenStats:
+                        entropy: bool = False, temperature=None) -> TokenStats:
     """TokenStats from hidden states h [B, T, H] (before the final norm), `chunk` positions of
-    logits at a time."""
+    logits at a time (divided by `temperature`, scalar or [B], if given)."""
     tokens = jnp.asarray(tokens)
     b, t, _ = h.shape
     n = t - 1  # positions 0..T-2 predict tokens 1..T-1
@@ -33,12 +33,14 @@ def chunked_token_stats(params, h, tokens, cfg: ModelConfig, chunk: int,
     hs = hs.reshape(b, n_chunks, chunk, -1).swapaxes(0, 1)
     targets = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1)
 
+    temp = None if temperature is None else jnp.asarray(temperature, jnp.float32)
+
     @jax.checkpoint
-    def one_chunk(h_c, t_c):
-        return shifted_token_stats(logits_from_hidden(params, h_c, cfg), t_c, entropy)
+    def one_chunk(h_c, t_c, temp_):
+        return shifted_token_stats(logits_from_hidden(params, h_c, cfg), t_c, entropy, temp_)
 
     def body(carry, xs):
-        return carry, one_chunk(*xs)
+        return carry, one_chunk(*xs, temp)
 
     _, stats = lax.scan(body, None, (hs, targets))
     unchunk = lambda x: None if x is None else x.swapaxes(0, 1).reshape(b, -1)[:, :n]  # noqa: E731
@@ -46,15 +48,16 @@ def chunked_token_stats(params, h, tokens, cfg: ModelConfig, chunk: int,
 
 
 def model_token_stats(params, cfg: ModelConfig, batch, prefix: str = "", constrain=None,
-                      chunk: int = 0, entropy: bool = False) -> TokenStats:
-    """TokenStats of `batch[prefix + "tokens"]` under the model (full logits when chunk == 0)."""
+                      chunk: int = 0, entropy: bool = False, temperature=None) -> TokenStats:
+    """TokenStats of `batch[prefix + "tokens"]` under the model (full logits when chunk == 0),
+    of softmax(logits / temperature) when a temperature (scalar or [B]) is given."""
     tokens = batch[prefix + "tokens"]
     kw = dict(positions=batch.get(prefix + "positions"),
               segment_ids=batch[prefix + "segment_ids"], constrain=constrain)
     if not chunk:
-        return token_stats(forward(params, tokens, cfg, **kw), tokens, entropy)
+        return token_stats(forward(params, tokens, cfg, **kw), tokens, entropy, temperature)
     return chunked_token_stats(params, hidden_states(params, tokens, cfg, **kw), tokens, cfg,
-                               chunk, entropy)
+                               chunk, entropy, temperature)
 
 
 def sequence_logprob_sums(params, cfg: ModelConfig, batch, prefix: str = "", constrain=None,
