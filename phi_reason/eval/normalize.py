@@ -11,12 +11,27 @@ from dataclasses import dataclass
 from phi_reason.eval.extract import matching_brace
 
 # Spacing commands, but not the second backslash of a `\\` row break (`\\ 3` keeps its break).
-_SPACING_RE = re.compile(r"(?<!\\)\\(?:[!,;: ]|q?quad(?![a-zA-Z]))|~")
+_SPACING_RE = re.compile(r"(?<!\\)\\(?:[!,;: ]|q?quad)|~")  # `\quadx`: no other command
 _DROP = ("\\left", "\\right", "\\displaystyle", "\\big", "\\Big", "\\bigl", "\\bigr", "\\Bigl",
          "\\Bigr")
 _FRAC_ALIASES = ("\\dfrac", "\\tfrac", "\\cfrac")
-_TEXT_COMMANDS = ("\\text", "\\textbf", "\\textit", "\\mbox", "\\mathrm", "\\mathbf",
-                  "\\operatorname")
+_TEXT_COMMANDS = ("\\text", "\\textbf", "\\textit", "\\textnormal", "\\textrm", "\\textsf",
+                  "\\texttt", "\\mbox", "\\mathrm", "\\mathbf", "\\operatorname")
+_STYLE_COMMANDS = ("\\textbf", "\\textit", "\\mathbf", "\\boldsymbol", "\\bm", "\\emph")
+_UNIT_COMMANDS = ("\\text", "\\textbf", "\\textit", "\\textnormal", "\\textrm", "\\mbox",
+                  "\\mathrm")
+# `\\frac` for `\frac`: an answer serialised with doubled backslashes (a row break `\\` is never
+# directly followed by one of these command names).
+_DOUBLED_COMMAND_RE = re.compile(
+    r"(?<!\\)\\\\(?=(?:[dtc]?frac|sqrt|begin|end|pi|cdot|times|text|infty|leq?|geq?|neq|left|right|"
+    r"boxed)(?![a-zA-Z]))")
+_RELATION_TOKENS = ((re.compile(r"\\leqslant|\\leq|\\le(?![a-zA-Z])|≤"), "<="),
+                    (re.compile(r"\\geqslant|\\geq|\\ge(?![a-zA-Z])|≥"), ">="),
+                    (re.compile(r"\\neq|\\ne(?![a-zA-Z])|≠"), "!="),
+                    (re.compile(r"\\lt(?![a-zA-Z])"), "<"), (re.compile(r"\\gt(?![a-zA-Z])"), ">"))
+_PERCENT_WORD_RE = re.compile(r"(?<=\d)\s*(?:\\text\{\s*)?(?:percentage|percent|pct)\s*\}?\s*$")
+# `(11,7)or(7,11)`, `1orW(x)`: a connector glued between two answers.
+_GLUED_CONNECTOR_RE = re.compile(r"(?<=[)\]}\d])\s*(?:or|and)\s*(?=[(\[{A-Z\\-])")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree")
 _THOUSANDS_RE = re.compile(r"-?\d{1,3}(?:(?:,\d{3})+|(?: \d{3})+)(?:\.\d+)?")  # 1,000 / 1\,000
 _UNIT_WORDS = {
@@ -108,7 +123,7 @@ def brace_command_args(s: str, command: str, nargs: int) -> str:
 
 def _strip_trailing_units(s: str) -> str:
     """Drop a trailing `\\text{ cm}^2`-style unit, keeping an answer that is only text."""
-    for command in ("\\text", "\\mbox", "\\mathrm"):
+    for command in _UNIT_COMMANDS:
         j = s.rfind(command + "{")
         if j <= 0:
             continue
@@ -125,9 +140,12 @@ def _strip_trailing_units(s: str) -> str:
 
 
 def _strip_unit_words(s: str) -> str:
-    """`5 cm` / `12 inches^2` -> the number (only known unit words, only after a number)."""
-    m = re.fullmatch(r"(.*?\d)\s*([a-zA-Z ]+)(\^\s*\{?[23]\}?)?", s)
-    if m and all(w.lower() in _UNIT_WORDS for w in m.group(2).split()):
+    """`5 cm` / `12 inches^2` / `\\frac{1}{3} meters` -> the number (only known unit words, only
+    after a number or a closing brace)."""
+    m = re.fullmatch(r"(.*?[\d}])(\s*)([a-zA-Z ]+)(\^\s*\{?[23]\}?)?", s)
+    if m and all(w.lower() in _UNIT_WORDS for w in m.group(3).split()):
+        if not m.group(2) and len(m.group(3).split()[0]) <= 2:
+            return s  # `10m` reads as 10 times m; a short unit needs its space (`10 m`)
         return m.group(1).strip()
     return s
 
@@ -140,19 +158,33 @@ def normalize(answer: str) -> Normalized:
         if s.startswith(left) and s.endswith(right) and len(s) >= len(left) + len(right):
             s = s[len(left):len(s) - len(right)].strip()
     s = s.replace("\n", " ")
+    s = _DOUBLED_COMMAND_RE.sub(lambda m: "\\", s)
+    for command in _STYLE_COMMANDS:  # bold / italic only restyle what they wrap
+        s = _unwrap_command(s, command)
+    s = re.sub(r"(?<!\\)\\\s*$", "", s)  # a stray trailing backslash (`185\`)
+    approx = s.find("\\approx")
+    if approx > 0 and s[:approx].strip():
+        head = s[:approx].strip()
+        # `x = 1/3 \approx 0.33`: the exact value is the answer; `x \approx 11`: 11 is
+        s = s[approx + len("\\approx"):] if re.fullmatch(r"[A-Za-z](?:_\w+)?", head) else head
     s = re.sub(r",\\!\s*", ",", s)  # 10,\! 080: LaTeX thousands spacing
     s = _SPACING_RE.sub(" ", s)
     for token in _DROP:
         s = re.sub(re.escape(token) + r"(?![a-zA-Z])", "", s)
     for alias in _FRAC_ALIASES:
         s = s.replace(alias, "\\frac")
-    s = s.replace("{,}", ",").replace("\\$", "").replace("$", "")
-    percent = "%" in s
+    s = re.sub(r"\s*\{\s*,\s*\}\s*", ",", s).replace("\\$", "").replace("$", "")
+    percent = "%" in s or bool(_PERCENT_WORD_RE.search(s))
     s = s.replace("\\%", "").replace("%", "")
+    s = _PERCENT_WORD_RE.sub("", s)
     s = re.sub(r"\\text\{\s*percent\s*\}", "", s)
     degrees = bool(_DEGREE_RE.search(s))
     s = _DEGREE_RE.sub("", s)
     s = re.sub(r"\\text\{\s*(?:and|or)\s*\}|\s+(?:and|or)\s+", ",", s)  # "1 and 2" lists
+    s = _GLUED_CONNECTOR_RE.sub(",", s)
+    s = re.sub(r",\s*(?:,\s*)+", ", ", s)  # "19, 46, and 82" -> one separator
+    for pattern, op in _RELATION_TOKENS:
+        s = pattern.sub(op, s)
     s = _strip_trailing_units(s.strip())
     s = _strip_unit_words(s.strip())
     s = _LEADING_VAR_IN_RE.sub("", s)
@@ -160,9 +192,23 @@ def normalize(answer: str) -> Normalized:
     s = brace_command_args(s, "\\sqrt", 1)
     s = re.sub(r"_\{(\w+)\}", r"_\1", s)  # 52_{8} -> 52_8
     s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
+    s = _ARRAY_RE.sub(r"\\begin{pmatrix}\1\\end{pmatrix}", s)
+    wrapped = _WRAPPED_ENV_RE.fullmatch(s)
+    if wrapped and _one_environment(wrapped.group(1)):
+        s = wrapped.group(1)  # brackets around a matrix are its delimiters, not a tuple
+    if s.startswith("{") and matching_brace(s, 0) == len(s) - 1:
+        s = s[1:-1].strip()  # plain braces group, they do not make a set (`{1,3}`)
     if _THOUSANDS_RE.fullmatch(s):
         s = s.replace(",", "").replace(" ", "")
     return Normalized(s, percent, degrees)
+
+
+_ARRAY_RE = re.compile(r"\\begin\{array\}\{[lcr| ]*\}(.*)\\end\{array\}")
+_WRAPPED_ENV_RE = re.compile(r"[(\[]\s*(\\begin\{(\w+)\}.*\\end\{\2\})\s*[)\]]")
+
+
+def _one_environment(s: str) -> bool:
+    return s.count("\\begin{") == 1 and s.endswith("}") and s.count("\\end{") == 1
 
 
 def text_key(s: str) -> str | None:

@@ -244,6 +244,32 @@ def _same_function(a, b, symbols) -> bool:
     return evaluated > 0
 
 
+def proportional(da, db, positive: bool) -> bool:
+    """da = c * db for a nonzero constant c (c > 0 when `positive`), by evaluation at random real
+    points (both sides size-guarded first)."""
+    size_bits(da)
+    size_bits(db)
+    da, db = exact(da), exact(db)
+    if {s.name for s in da.free_symbols} != {s.name for s in db.free_symbols}:
+        return False
+    symbols = sorted(da.free_symbols | db.free_symbols, key=lambda s: s.name)
+    ratio = None
+    for point in _sample_points(symbols, count=5):
+        va, vb = real_part(numeric(da, point)), real_part(numeric(db, point))
+        if va is None or vb is None:
+            continue
+        if abs(vb) < TINY or abs(va) < TINY:
+            if not (abs(vb) < TINY and abs(va) < TINY):
+                return False
+            continue
+        r = va / vb
+        if ratio is None:
+            ratio = r
+        elif abs(r - ratio) > RELATIVE_TOL * abs(ratio):
+            return False
+    return ratio is not None and (not positive or ratio > 0)
+
+
 def equations_equal(a, b) -> bool:
     """`lhs = rhs` forms describe the same relation: lhs - rhs proportional (nonzero constant)."""
     if not (isinstance(a, sympy.Eq) and isinstance(b, sympy.Eq)):
