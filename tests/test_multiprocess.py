@@ -63,7 +63,7 @@ def assert_same_run(outs, keys=("loss", "grad_norm")):
 
 def test_sft_two_processes_equal_one(tmp_path, cache):
     outs = run_both("sft", CONFIGS / "tiny_sft.yaml", tmp_path, cache, "data.packed=false",
-                    "train.steps=4", "output.save_every=2")
+                    "train.steps=4", "output.save_every=100")
     assert_same_run(outs)
 
 
@@ -71,7 +71,7 @@ def test_dpo_two_processes_equal_one(tmp_path, cache):
     """The precomputed reference: sums of the global batch's rows come back replicated and are
     placed again as global arrays (a resident reference is the policy's path)."""
     outs = run_both("dpo", CONFIGS / "tiny_dpo.yaml", tmp_path, cache, "train.steps=3",
-                    "train.dpo.reference=precompute", "output.save_every=2")
+                    "train.dpo.reference=precompute", "output.save_every=100")
     assert_same_run(outs, keys=("loss", "grad_norm", "rewards/margin"))
 
 
@@ -79,7 +79,8 @@ def test_rl_two_processes_equal_one(tmp_path, cache):
     """Rollouts on the global mesh (every process runs the same scheduler on gathered slot state),
     grading, advantages and updates: the same sampled tokens, rewards and losses as one process."""
     outs = run_both("rl", CONFIGS / "tiny_rl.yaml", tmp_path, cache, "rl.steps=2",
-                    "rl.dynamic_sampling=false", "rl.eval_problems=0", "output.save_every=1")
+                    "rl.prompts_per_step=4", "train.batch_size=16", "rl.max_new_tokens=24",
+                    "rl.dynamic_sampling=false", "rl.eval_problems=0", "output.save_every=100")
     one, two = metrics(outs[1]), metrics(outs[2])
     for a, b in zip(one, two):
         for k in ("rollout/reward_mean", "rollout/length_mean", "rollout/groups_kept"):
@@ -141,18 +142,16 @@ def test_eval_and_generate_two_processes_write_once_equal_to_one(tmp_path, cache
 
 
 def test_convert_two_processes_write_one_identical_checkpoint(tmp_path, cache, tiny_checkpoint):
+    """HF -> Orbax -> HF as 2 processes: one output each way, bit-identical to the source (one
+    process's round trip is tested bit for bit in test_checkpoint.py)."""
     from safetensors.numpy import load_file
-    outs = {}
-    for n, devices in ((1, 1), (2, 1)):
-        orbax, hf = tmp_path / f"orbax{n}", tmp_path / f"hf{n}"
-        process_launcher.run(["convert", "hf-to-orbax", tiny_checkpoint / "hf", orbax],
-                             n, devices, cache)
-        process_launcher.run(["convert", "orbax-to-hf", orbax, hf], n, devices, cache)
-        outs[n] = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
+    orbax, hf = tmp_path / "orbax", tmp_path / "hf"
+    process_launcher.run(["convert", "hf-to-orbax", tiny_checkpoint / "hf", orbax], 2, 1, cache)
+    process_launcher.run(["convert", "orbax-to-hf", orbax, hf], 2, 1, cache)
+    got = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
     want = {k: v for f in (tiny_checkpoint / "hf").glob("*.safetensors")
             for k, v in load_file(f).items()}
-    for got in outs.values():
-        assert got.keys() == want.keys()
-        for k in want:
-            np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf1", "hf2", "orbax1", "orbax2"]
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "orbax"]
