@@ -274,22 +274,4 @@ def equations_equal(a, b) -> bool:
     """`lhs = rhs` forms describe the same relation: lhs - rhs proportional (nonzero constant)."""
     if not (isinstance(a, sympy.Eq) and isinstance(b, sympy.Eq)):
         return False
-    da, db = a.lhs - a.rhs, b.lhs - b.rhs
-    symbols = sorted(da.free_symbols | db.free_symbols, key=lambda s: s.name)
-    if {s.name for s in da.free_symbols} != {s.name for s in db.free_symbols}:
-        return False
-    ratio = None
-    for point in _sample_points(symbols, count=5):
-        va, vb = real_part(numeric(da, point)), real_part(numeric(db, point))
-        if va is None or vb is None:
-            continue  # compare real relations on real points only
-        if abs(vb) < TINY or abs(va) < TINY:
-            if not (abs(vb) < TINY and abs(va) < TINY):
-                return False
-            continue
-        r = va / vb
-        if ratio is None:
-            ratio = r
-        elif abs(r - ratio) > RELATIVE_TOL * abs(ratio):
-            return False
-    return ratio is not None
+    return proportional(a.lhs - a.rhs, b.lhs - b.rhs, positive=False)
