@@ -5,9 +5,9 @@ Each verdict was decided by hand from the mathematics, not by running the grader
 through `grade_in_process` (exactly what a sandbox worker runs) so it stays fast; the sandbox
 itself is exercised in test_grader_pool.py.
 """
-import builtins
 
 import pytest
+from grader_traps import forbid_eval_of_text
 
 from phi_reason.eval.single import grade_in_process
 
@@ -140,17 +140,7 @@ def warm():
 def no_eval(warm, monkeypatch):
     """Every table case also proves that grading never evaluates source text with Python's
     eval/exec (code objects are fine: that is how sympy's lazy submodule imports run)."""
-    real = {"eval": builtins.eval, "exec": builtins.exec}
-
-    def trap(name):
-        def trapped(source, *args, **kwargs):
-            if isinstance(source, (str, bytes)):
-                raise AssertionError(f"{name} of source text during grading: {source[:80]!r}")
-            return real[name](source, *args, **kwargs)
-        return trapped
-
-    monkeypatch.setattr(builtins, "eval", trap("eval"))
-    monkeypatch.setattr(builtins, "exec", trap("exec"))
+    forbid_eval_of_text(monkeypatch)
 
 
 @pytest.mark.parametrize("prediction,gold,mode,expected", CASES,

@@ -4,10 +4,10 @@ Each row is graded in-process (the pool adds only the deadline) with `eval`/`exe
 text trapped: any text reaching them fails the row (code objects are fine: that is how sympy's
 lazy submodule imports run).
 """
-import builtins
 import time
 
 import pytest
+from grader_traps import forbid_eval_of_text
 
 from phi_reason.eval.extract import extract_answer, final_boxed, gold_answer
 from phi_reason.eval.single import grade_in_process
@@ -16,17 +16,7 @@ from phi_reason.eval.single import grade_in_process
 @pytest.fixture
 def no_eval(monkeypatch):
     grade_in_process(r"\boxed{\frac{1}{2}+\sqrt{2}x \le 2}", r"0.5+\sqrt2 x \leq 2")  # warm imports
-    real = {"eval": builtins.eval, "exec": builtins.exec}
-
-    def trap(name):
-        def trapped(source, *args, **kwargs):
-            if isinstance(source, (str, bytes)):
-                raise AssertionError(f"{name} of source text during grading: {source[:80]!r}")
-            return real[name](source, *args, **kwargs)
-        return trapped
-
-    monkeypatch.setattr(builtins, "eval", trap("eval"))
-    monkeypatch.setattr(builtins, "exec", trap("exec"))
+    forbid_eval_of_text(monkeypatch)
 
 
 def check(prediction, gold, expected, mode="eval"):
