@@ -277,9 +277,19 @@ def _coerce(value, tp, key: str, where: str):
     raise RunConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r}")
 
 
+# Keys that existed once: an old config is told what replaced them.
+REMOVED_KEYS = {
+    "rl.reference_on_host": "the frozen reference now lives on the devices, sharded like the "
+                            "policy and in the compute dtype (no per-minibatch copy); delete it",
+}
+
+
 def _unknown_key(prefix: str, name: str, names, where: str) -> RunConfigError:
     """The error for `prefix.name`, suggesting the closest sibling key."""
     dotted = lambda n: f"{prefix}.{n}" if prefix else n  # noqa: E731
+    if dotted(name) in REMOVED_KEYS:
+        return RunConfigError(f"{where}: {dotted(name)!r} was removed: "
+                              f"{REMOVED_KEYS[dotted(name)]}")
     close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
     hint = (f"; did you mean {dotted(close[0])!r}?" if close
             else f"; valid keys: {', '.join(dotted(n) for n in names)}")

@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..config import load_run_config
@@ -37,6 +35,7 @@ def precompute_reference_logps(ref_fn, params, data, steps: int, prepare):
 def run_dpo(config: Optional[str], overrides: Sequence[str] = (), resume: bool = False,
             hooks: Sequence[Callable] = ()) -> int:
     """Train; returns the exit code (0). Errors as `run_sft`."""
+    from ..train.policy import frozen_reference
     from ..train.steps import batch_shardings, make_dpo_step, make_reference_logps_fn
 
     run = load_run_config(config, overrides)
@@ -45,14 +44,15 @@ def run_dpo(config: Optional[str], overrides: Sequence[str] = (), resume: bool =
     prepare = place
     ref_params = None
     if train_cfg.dpo.reference == "params":
-        ref_params = jax.tree_util.tree_map(jnp.copy, params)  # own buffers (donation)
+        ref_params = frozen_reference(params, cfg)
     else:
         cache = Path(run.output.dir) / "reference_logps.npz"
         if resume and cache.exists():
             with np.load(cache) as z:
                 chosen, rejected = z["chosen"], z["rejected"]
         else:
-            ref_fn = make_reference_logps_fn(cfg, mesh)
+            ref_fn = make_reference_logps_fn(cfg, mesh, train_cfg.logits_chunk,
+                                             train_cfg.accumulation_steps)
             chosen, rejected = precompute_reference_logps(ref_fn, params, data, total, place)
             if processes.is_lead():
                 with atomic_open(cache, "wb") as f:

@@ -15,8 +15,10 @@ Every number is per device and derives from the same declarations the program us
   Flash-style kernels (the GPU / TPU attention paths) keep no T x T tensor: for them the T x T
   residuals of the reference path are dropped and a float32 logsumexp per query and head is added.
 - logits: residuals of a standard shifted cross-entropy head (final norm, LM head, log-softmax,
-  gather) plus one float32 [B, T, V] cotangent. There is no chunked loss: the whole
-  [B_local, T, V_local] float32 logits tensor exists at once.
+  gather) plus one float32 [B, T, V] cotangent, for `logits_chunk` positions at a time
+  (`train.logits_chunk`; 0: the whole [B_local, T, V_local] float32 logits at once).
+- forward-only log-prob passes (`forward_estimate`): the layer carry plus one layer's or the
+  head's intermediates, for one micro-batch.
 - KV cache (rollouts): rollout_batch x seq x layers x 2 (K and V) x nKV x head_dim in the compute
   dtype; rows are split over the batch mesh axes and KV heads over their rule's axis.
 Peak = params + optimizer + max(grads + activations + logits, kv_cache): the rollout cache and
@@ -114,22 +116,33 @@ def _param_elems(cfg: ModelConfig, sizes, rules) -> int:
                for p, s in param_specs(cfg).items())
 
 
-def _residual_bytes(fn, *args, square: Optional[int] = None):
-    """Bytes of the values JAX saves for fn's backward. Not counted: literals and constants
-    (loop-invariant: hoisted out of the layer scan) and arguments other than the layer input `x`
-    (weights are parameters; segment ids are shared by all layers). With `square`, T x T
-    residuals are counted separately (returned second)."""
-    total, square_bytes = 0, 0
+def _residuals(fn, *args):
+    """(bytes, aval) of each value JAX saves for fn's backward. Not counted: literals and
+    constants (loop-invariant: hoisted out of the layer scan) and arguments other than the layer
+    input `x` (weights are parameters; segment ids are shared by all layers)."""
     for aval, desc in saved_residuals(fn, *args):
         if desc.startswith(("from a literal", "from a constant")) or (
                 desc.startswith("from the argument") and desc != "from the argument x"):
             continue
-        nbytes = int(np.prod(aval.shape)) * aval.dtype.itemsize
-        if square is not None and aval.ndim >= 2 and aval.shape[-2:] == (square, square):
+        yield int(np.prod(aval.shape)) * aval.dtype.itemsize, aval
+
+
+def _residual_bytes(fn, *args, square: Optional[int] = None):
+    """Bytes of the values JAX saves for fn's backward (see `_residuals`). With `square`,
+    attention-score-shaped residuals are counted separately (returned second)."""
+    total, square_bytes = 0, 0
+    for nbytes, aval in _residuals(fn, *args):
+        if square is not None and _is_scores(aval.shape, square):
             square_bytes += nbytes
-            continue
-        total += nbytes
+        else:
+            total += nbytes
     return total, square_bytes
+
+
+def _is_scores(shape, t: int) -> bool:
+    """An attention-score-shaped residual: [..., T, T], or [B, nKV, group x T, T] (the grouped
+    query heads folded into the query axis)."""
+    return len(shape) >= 4 and shape[-1] == t and shape[-2] % t == 0
 
 
 def _local_cfg(cfg, sizes, rules, compute_dtype, param_dtype):
@@ -145,18 +158,12 @@ def _local_cfg(cfg, sizes, rules, compute_dtype, param_dtype):
                        param_dtype=param_dtype, tie_word_embeddings=False)
 
 
-@functools.lru_cache(maxsize=256)  # meshes in `suggest_mesh` often share per-device shapes
-def activation_estimate(cfg: ModelConfig, local_batch: int, local_seq: int, remat: str,
-                        attention: str = "reference", logits_chunk: int = 0):
-    """(activations_bytes, saved_bytes, logits_bytes) for one device's [local_batch, local_seq]
-    slice of a train step; `cfg` is already the per-device slice (see `_local_cfg`).
-    attention: 'reference' (T x T scores kept) or 'flash' (kernels keeping a logsumexp).
-    logits_chunk: positions of logits alive at once in the loss (`train.logits_chunk`; 0: all)."""
-    B, T, H = local_batch, local_seq, cfg.hidden_size
-    cdt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    lp = {path[-1]: jax.ShapeDtypeStruct(s.shape[1:], pdt)
+def _layer_halves(cfg: ModelConfig, B: int, T: int):
+    """(attention half, MLP half, abstract (layer params, x, segment ids)) of one decoder layer at
+    [B, T] on the per-device slice `cfg`, traced with the reference attention."""
+    lp = {path[-1]: jax.ShapeDtypeStruct(s.shape[1:], jnp.dtype(cfg.param_dtype))
           for path, s in param_specs(cfg).items() if s.stacked}
-    x = jax.ShapeDtypeStruct((B, T, H), cdt)
+    x = jax.ShapeDtypeStruct((B, T, cfg.hidden_size), jnp.dtype(cfg.dtype))
     seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
 
     def attention_half(lp, x, seg):
@@ -169,6 +176,46 @@ def activation_estimate(cfg: ModelConfig, local_batch: int, local_seq: int, rema
     def mlp_half(lp, x, seg):
         return decoder.mlp_block(lp, x, cfg)
 
+    return attention_half, mlp_half, (lp, x, seg)
+
+
+@functools.lru_cache(maxsize=256)
+def forward_estimate(cfg: ModelConfig, local_batch: int, local_seq: int,
+                     attention: str = "reference", logits_chunk: int = 0) -> int:
+    """Transient bytes of one micro-batch of a forward-only token log-prob pass (the RL old-policy
+    and reference passes, the DPO reference precompute: `train.policy.make_token_logprob_fn`) on
+    one device; `cfg` is the per-device slice. Nothing is kept for a backward, so the peak is the
+    layer carry (input and output [B, T, H]) plus the larger of: one layer's live intermediates
+    (XLA frees each once consumed) and the LM head's (the hidden states reshaped into chunks, one
+    chunk's float32 logits and their exp). Flash kernels: no T x T scores, a logsumexp."""
+    B, T, H, V = local_batch, local_seq, cfg.hidden_size, cfg.vocab_size
+    cdt = jnp.dtype(cfg.dtype).itemsize
+    attention_half, mlp_half, args = _layer_halves(cfg, B, T)
+    layer = 0
+    for half in (attention_half, mlp_half):
+        flash = attention == "flash" and half is attention_half
+        largest = max(n for n, aval in _residuals(half, *args)
+                      if not (flash and _is_scores(aval.shape, T)))
+        # the largest op's input and output alive together with a neighbour being fused (the
+        # scores and their exp; gate and up while silu(gate) * up is formed): 2.5 x the largest
+        # intermediate, measured against XLA's buffers in tests/test_plan.py
+        layer = max(layer, int(2.5 * largest) + (B * cfg.num_attention_heads * T * 4 if flash
+                                                 else 0))
+    t_head = min(logits_chunk, T) if logits_chunk else T
+    head = (2 * B * T * H * cdt if logits_chunk else 0) + 2 * B * t_head * V * 4
+    return 2 * B * T * H * cdt + max(layer, head)
+
+
+@functools.lru_cache(maxsize=256)  # meshes in `suggest_mesh` often share per-device shapes
+def activation_estimate(cfg: ModelConfig, local_batch: int, local_seq: int, remat: str,
+                        attention: str = "reference", logits_chunk: int = 0):
+    """(activations_bytes, saved_bytes, logits_bytes) for one device's [local_batch, local_seq]
+    slice of a train step; `cfg` is already the per-device slice (see `_local_cfg`).
+    attention: 'reference' (T x T scores kept) or 'flash' (kernels keeping a logsumexp).
+    logits_chunk: positions of logits alive at once in the loss (`train.logits_chunk`; 0: all)."""
+    B, T, H = local_batch, local_seq, cfg.hidden_size
+    cdt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    attention_half, mlp_half, (lp, x, seg) = _layer_halves(cfg, B, T)
     lse = B * cfg.num_attention_heads * T * 4
     halves = []  # (plain, saved) bytes of each half's residuals, T x T ones included
     for half in (attention_half, mlp_half):

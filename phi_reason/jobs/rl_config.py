@@ -78,7 +78,6 @@ class RLSection:
     # fold_temperature). The sampler/trainer mismatch (mismatch/* metrics) is logged every step
     # with recompute.
     old_logprobs: str = "recompute"
-    reference_on_host: bool = False  # beta > 0: keep the frozen reference params in host memory
     grader_workers: int = 2
     grader_timeout: float = 5.0
     # RL steps between held-out evaluations (0: only at the end, if eval_problems)

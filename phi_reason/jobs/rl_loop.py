@@ -43,7 +43,6 @@ import time
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..data.tokenizer import completion_text
@@ -55,6 +54,7 @@ from ..train.advantages import (
 )
 from ..train.policy import (
     fold_temperature,
+    frozen_reference,
     logprob_mismatch,
     logprob_temperature,
     make_token_logprob_fn,
@@ -127,18 +127,15 @@ class RLLoop:
         self.prompts = PromptIterator(prompts, seed=self.rl.seed)
         optimizer, _ = make_optimizer(config.train, model_cfg)
         beta = config.train.pg.beta
-        ref = None
-        if beta > 0:
-            # Held once; on host when asked, moved to the device only for the reference pass.
-            ref = jax.device_get(params) if self.rl.reference_on_host else jax.tree_util.tree_map(
-                jnp.copy, params)
-        self.ref_params = ref
+        self.ref_params = frozen_reference(params, model_cfg) if beta > 0 else None
         self.state = TrainState.create(params, optimizer, seed=config.train.seed)
         train_key = repr(dataclasses.asdict(config.train))
         self.pg_step = _cached(("pg", model_cfg, train_key, mesh),
                                lambda: make_pg_step(model_cfg, config.train, mesh))
-        self.logprob_fn = _cached(("logprob", model_cfg, mesh),
-                                  lambda: make_token_logprob_fn(model_cfg, mesh))
+        # the old-policy and reference passes: the train step's micro-batches and logits chunk
+        chunk, micro = config.train.logits_chunk, config.train.accumulation_steps
+        self.logprob_fn = _cached(("logprob", model_cfg, mesh, chunk, micro),
+                                  lambda: make_token_logprob_fn(model_cfg, mesh, chunk, micro))
         self.step_index = 0
         # One slot count for every sampling call (rounds of different sizes, evaluation), so the
         # sampler compiles once.

@@ -8,23 +8,46 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..model.decoder import forward
-from .losses import token_logprobs
+from .token_stats import micro_batched, model_token_stats
 
 
-def make_token_logprob_fn(cfg, mesh=None) -> Callable:
+def make_token_logprob_fn(cfg, mesh=None, logits_chunk: int = 0,
+                          micro_batches: int = 1) -> Callable:
     """Jitted (params, batch) -> [B, T] log-prob of each token under params (aligned to tokens).
     With `batch["temperature"]` ([B], one per row) they are the log-probs of softmax(logits / T),
     the distribution the sampler drew from; the temperature is traced, so annealing it does not
-    recompile. On a mesh the result comes back replicated, readable by every process."""
+    recompile. Computed `micro_batches` row-slices at a time and `logits_chunk` positions of
+    logits at a time (0: all): with the train step's settings no [B, T, V] array exists. On a
+    mesh the result comes back replicated, readable by every process."""
+    constrain = None
+    if mesh is not None:
+        from ..sharding.rules import activation_constraint
+        constrain = activation_constraint(mesh)
+
     def fn(params, batch):
-        logits = forward(params, batch["tokens"], cfg, positions=batch["positions"],
-                         segment_ids=batch["segment_ids"])
-        return token_logprobs(logits, batch["tokens"], batch.get("temperature"))
+        def one(mb):
+            return model_token_stats(params, cfg, mb, constrain=constrain, chunk=logits_chunk,
+                                     temperature=mb.get("temperature")).logp
+        return micro_batched(one, batch, micro_batches)
     if mesh is None:
         return jax.jit(fn)
     from ..sharding.rules import replicated
     return jax.jit(fn, out_shardings=replicated(mesh))
+
+
+def frozen_reference(params, cfg):
+    """The frozen reference model (DPO `reference: params`, the RL KL term) from the policy's
+    params: its own buffers (the train step donates the policy's), sharded as the policy is, and
+    in the compute dtype when that is narrower than the params' (the forward casts every weight
+    to the compute dtype before using it, so the log-probs are bit for bit the same at half the
+    bytes)."""
+    compute = jnp.dtype(cfg.dtype)
+
+    def one(w):
+        if jnp.issubdtype(w.dtype, jnp.floating) and jnp.dtype(w.dtype).itemsize > compute.itemsize:
+            return w.astype(compute)
+        return jnp.copy(w)
+    return jax.tree_util.tree_map(one, params)
 
 
 def fold_temperature(params, temperature: float):

@@ -9,7 +9,7 @@ from `phi_reason.sharding` (parameters by their logical axes, batches over the d
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,17 +29,9 @@ from .losses import (
 )
 from .optim import make_optimizer
 from .state import TrainState
-from .token_stats import model_token_stats, sequence_logprob_sums
+from .token_stats import micro_batched, micro_split, model_token_stats, sequence_logprob_sums
 
 _SEQ_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
-
-
-def _micro_split(batch: Dict[str, jax.Array], n: int):
-    def split(x):
-        if x.shape[0] % n:
-            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by {n} micro-batches")
-        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
-    return {k: split(v) for k, v in batch.items()}
 
 
 def _accumulate(loss_fn, params, batch, n_micro: int):
@@ -53,7 +45,7 @@ def _accumulate(loss_fn, params, batch, n_micro: int):
         return jax.tree_util.tree_map(jnp.add, acc, g), m
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    grads, stacked = lax.scan(body, zeros, _micro_split(batch, n_micro))
+    grads, stacked = lax.scan(body, zeros, micro_split(batch, n_micro))
     return grads, reduce_micro_metrics(stacked)
 
 
@@ -156,15 +148,20 @@ def make_dpo_step(cfg: ModelConfig, train_cfg, mesh=None) -> Callable:
     return _jit(step, cfg, mesh, optimizer)
 
 
-def make_reference_logps_fn(cfg: ModelConfig, mesh=None) -> Callable:
+def make_reference_logps_fn(cfg: ModelConfig, mesh=None, logits_chunk: int = 0,
+                            micro_batches: int = 1) -> Callable:
     """Jitted `(ref_params, dpo_batch) -> (chosen_sums [B], rejected_sums [B])`: the one pass
-    over the data that replaces a resident reference model. On a mesh the sums come back
-    replicated (B floats): every process can read the whole global batch's values."""
+    over the data that replaces a resident reference model, `micro_batches` slices of pairs at a
+    time and `logits_chunk` positions of logits at a time (the train step's settings: no
+    [B, T, V] array). On a mesh the sums come back replicated (B floats): every process can read
+    the whole global batch's values."""
     constrain = _constraint(mesh)
 
     def fn(params, batch):
-        c_sum, _, r_sum, _ = _pair_logps(params, cfg, batch, constrain)
-        return c_sum, r_sum
+        def one(mb):
+            c_sum, _, r_sum, _ = _pair_logps(params, cfg, mb, constrain, logits_chunk)
+            return c_sum, r_sum
+        return micro_batched(one, batch, micro_batches)
 
     if mesh is None:
         return jax.jit(fn)

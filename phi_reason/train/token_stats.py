@@ -6,6 +6,10 @@ argmax and entropy `chunk` positions at a time in a `lax.scan` whose body is rem
 only one chunk's logits ever exist, forward or backward. The numbers are the same formula
 (`losses.shifted_token_stats`) on the same logits, so they agree with the full path to float32
 rounding.
+
+The log-prob passes that need no gradient (RL old-policy and reference log-probs, the DPO reference
+precompute) also go through `micro_batched`: the batch is split into micro-batches run one after
+another in a `lax.map`, so one micro-batch's activations exist at a time.
 """
 from __future__ import annotations
 
@@ -67,3 +71,21 @@ def sequence_logprob_sums(params, cfg: ModelConfig, batch, prefix: str = "", con
     mask = target_mask({k: batch[prefix + k] for k in ("loss_mask", "segment_ids")})
     lp = model_token_stats(params, cfg, batch, prefix, constrain, chunk).logp
     return jnp.sum(lp * mask, -1), jnp.sum(mask, -1)
+
+
+def micro_split(batch, n: int):
+    """Every [B, ...] array of `batch` as [n, B / n, ...] (micro-batches along a new axis 0)."""
+    def split(x):
+        if x.shape[0] % n:
+            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by {n} micro-batches")
+        return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+    return {k: split(v) for k, v in batch.items()}
+
+
+def micro_batched(fn, batch, n_micro: int):
+    """fn(micro_batch) -> pytree of [b, ...] arrays, run over `n_micro` micro-batches of `batch`
+    one after another (a `lax.map`); the results concatenated back to [B, ...] in row order."""
+    if n_micro <= 1:
+        return fn(batch)
+    stacked = lax.map(fn, micro_split(batch, n_micro))
+    return jax.tree_util.tree_map(lambda x: x.reshape((-1,) + x.shape[2:]), stacked)
