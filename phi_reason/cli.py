@@ -160,16 +160,27 @@ def _add_data(sub):
 
 # ---------------------------------------------------------------- plan (issue 4)
 def _add_plan(sub):
-    p = sub.add_parser("plan", help="per-device memory plan for a model, mesh and batch")
-    p.add_argument("--model", required=True, help="preset name or HF config.json / dir")
+    p = sub.add_parser(
+        "plan", help="per-device memory of a stage's programs (CONFIG.yaml) or of one train step "
+        "(--model)", description="With CONFIG.yaml: every program the stage compiles (train "
+        "step, log-prob passes, rollout) on the hardware the config's `target:` names, and "
+        "whether each fits. With --model: one train step on --mesh / --devices.")
+    p.add_argument("config", nargs="?", default=None, help="a run config (sft/dpo/rl/rollout-dpo)")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
+    p.add_argument("--stage", default=None, choices=["sft", "dpo", "rl", "rollout-dpo"],
+                   help="the config's stage (default: from its sections)")
+    p.add_argument("--model", default=None, help="preset name or HF config.json / dir")
     p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=16,tensor=4")
-    p.add_argument("--devices", type=int, default=None, help="suggest a mesh for N devices")
+    p.add_argument("--devices", type=int, default=None,
+                   help="with --model: suggest a mesh for N devices; with CONFIG: the job's "
+                   "devices (default: its target.devices)")
     p.add_argument("--batch", type=int, default=1, help="global batch (sequences)")
     p.add_argument("--seq", type=int, default=4096)
     from phi_reason.hardware import ACCELERATORS
     from phi_reason.model.config import REMAT_POLICIES
     p.add_argument("--remat", default="full", choices=REMAT_POLICIES)
-    p.add_argument("--accelerator", default="h100", type=str.lower,
+    p.add_argument("--accelerator", default=None, type=str.lower,
+                   help="default: the config's target.accelerator, else h100",
                    choices=[n for a in ACCELERATORS.values() for n in (a.name, *a.aliases)],
                    metavar="{" + ",".join(ACCELERATORS) + "}")
     p.add_argument("--param-dtype", default="float32")

@@ -217,12 +217,21 @@ class OutputSection:
 
 
 @dataclasses.dataclass
+class TargetSection:
+    """The hardware a config is sized for: `phi-reason plan CONFIG.yaml` plans every program of
+    the stage on it (the run itself uses whatever devices it is given)."""
+    accelerator: Optional[str] = None  # a name in phi_reason.hardware.ACCELERATORS (h100, v5p...)
+    devices: Optional[int] = None  # devices in the job (all hosts); sizes the mesh's -1 axis
+
+
+@dataclasses.dataclass
 class RunConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     output: OutputSection = dataclasses.field(default_factory=OutputSection)
+    target: TargetSection = dataclasses.field(default_factory=TargetSection)
 
 
 # --------------------------------------------------------------------------- loading

@@ -44,6 +44,14 @@ def test_unknown_keys_are_rejected_with_suggestion(tmp_path, text, overrides, me
     assert path in str(e.value)
 
 
+def test_a_removed_key_says_what_replaced_it(tmp_path):
+    from phi_reason.jobs.rl_config import RLRunConfig
+    path = write(tmp_path, "rl:\n  reference_on_host: true\n")
+    with pytest.raises(RunConfigError, match=r"'rl.reference_on_host' was removed: the frozen "
+                                             r"reference now lives on the devices"):
+        load_run_config(path, schema=RLRunConfig)
+
+
 def test_bad_values_name_the_key(tmp_path):
     path = write(tmp_path, "train:\n  batch_size: many\n")
     with pytest.raises(RunConfigError, match=r"train.batch_size: expected int, got 'many'"):

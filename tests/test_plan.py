@@ -201,3 +201,23 @@ def test_save_dots_attn_adds_the_kernel_output_and_logsumexp_per_layer():
     added = (plans["save_dots_attn"].saved_activations_bytes
              - plans["save_dots"].saved_activations_bytes)
     assert added == cfg.num_hidden_layers * (out + lse)
+
+
+@pytest.mark.parametrize("cfg_kw, batch, seq, chunk, micro", [
+    ({"vocab_size": 8192}, 8, 256, 32, 4),
+    ({"hidden_size": 256, "head_dim": 64}, 4, 512, 64, 2),
+    ({"dtype": "bfloat16"}, 4, 256, 64, 2),
+], ids=["vocab-heavy", "attention-heavy", "bf16"])
+def test_forward_estimate_within_25_percent_of_xla(cfg_kw, batch, seq, chunk, micro):
+    """The forward-only log-prob pass (RL old/reference, DPO reference precompute): XLA's scratch
+    for `make_token_logprob_fn` against `forward_estimate` of one micro-batch."""
+    from phi_reason.train.policy import make_token_logprob_fn
+
+    cfg = CAL.replace(**cfg_kw)
+    abstract = {k: jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+                for k in ("tokens", "positions", "segment_ids")}
+    compiled = make_token_logprob_fn(cfg, None, chunk, micro).lower(
+        abstract_params(cfg), abstract).compile()
+    measured = compiled.memory_analysis().temp_size_in_bytes
+    estimate = planner.forward_estimate(cfg, batch // micro, seq, "reference", chunk)
+    assert abs(estimate - measured) <= 0.25 * measured, (estimate, measured)

@@ -27,6 +27,14 @@ def detect_format(path) -> str:
                           "*.safetensors) nor an Orbax checkpoint (<step>/state)")
 
 
+def load_config(path) -> ModelConfig:
+    """The ModelConfig of an HF or Orbax checkpoint directory, without reading its weights."""
+    if detect_format(path) == "hf":
+        from .hf import read_hf_config
+        return read_hf_config(path)
+    return _orbax_cfg(path)[0]
+
+
 def load_pretrained(path, dtype=None, mesh=None, rules=None,
                     shardings: Optional[dict] = None) -> Tuple[ModelConfig, dict]:
     """(cfg, params) from an HF or Orbax checkpoint directory.

@@ -116,6 +116,26 @@ def _param_elems(cfg: ModelConfig, sizes, rules) -> int:
                for p, s in param_specs(cfg).items())
 
 
+def gathered_weight_bytes(cfg: ModelConfig, sizes, rules) -> tuple:
+    """(one layer, embedding + LM head) bytes per device once FSDP has all-gathered them: the
+    parameters' local shapes with the batch axes (data, fsdp) unsplit, in the parameter dtype.
+    A sharded program gathers a layer's weights before using them and the whole vocabulary
+    table for the embedding lookup and the LM head; the backward holds the same shapes again as
+    unreduced gradients before their reduce-scatter. 0 when nothing is split over the batch axes."""
+    if sizes.get("data", 1) * sizes.get("fsdp", 1) == 1:
+        return 0, 0
+    unsplit = dict(sizes, data=1, fsdp=1)
+    itemsize = jnp.dtype(cfg.param_dtype).itemsize
+    layer = head = 0
+    for path, s in param_specs(cfg).items():
+        n = int(np.prod(_local_shape(s.axes, s.shape, unsplit, rules, "/".join(path)))) * itemsize
+        if s.stacked:
+            layer += n // s.shape[0]
+        elif path[-1] in ("embed", "lm_head"):
+            head += n
+    return layer, head
+
+
 def _residuals(fn, *args):
     """(bytes, aval) of each value JAX saves for fn's backward. Not counted: literals and
     constants (loop-invariant: hoisted out of the layer scan) and arguments other than the layer
@@ -399,11 +419,20 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-def main(model, mesh=None, devices=None, batch=1, seq=4096, remat="full", accelerator="h100",
+def main(model=None, mesh=None, devices=None, batch=1, seq=4096, remat="full", accelerator=None,
          param_dtype="float32", compute_dtype="bfloat16", optimizer_dtype="float32",
-         rollout_batch=0, json=False, logits_chunk=0) -> int:
-    """`phi-reason plan`: print the per-device plan (or a suggested mesh for --devices). A bad
-    model / mesh / batch raises a UsageError (MeshError, ConfigError) naming it."""
+         rollout_batch=0, json=False, logits_chunk=0, config=None, stage=None,
+         overrides=()) -> int:
+    """`phi-reason plan`: with a CONFIG.yaml every program of its stage on its target
+    (`stage_plan`); with --model one train step's per-device plan (or a suggested mesh for
+    --devices). A bad model / mesh / batch raises a UsageError (MeshError, ConfigError)."""
+    if (config is None) == (model is None):
+        raise MeshError("plan: give a CONFIG.yaml (every program of that stage) or --model "
+                        "(one train step), not both")
+    if config is not None:
+        from .stage_plan import main as stage_main
+        return stage_main(config, stage, accelerator, devices, overrides, json)
+    accelerator = accelerator or "h100"
     cfg = _load_model(model)
     kw = dict(remat=remat, accelerator=accelerator, param_dtype=param_dtype,
               compute_dtype=compute_dtype, optimizer_dtype=optimizer_dtype,

@@ -271,7 +271,7 @@ class ShardedStep:
         self.step, self.cfg, self.mesh, self.optimizer = step, cfg, mesh, optimizer
         self._compiled = {}
 
-    def __call__(self, state, batch):
+    def _jitted(self, state, batch):
         from jax.sharding import NamedSharding, PartitionSpec
 
         key = tuple(sorted((k, jnp.ndim(v)) for k, v in batch.items())) + (
@@ -282,4 +282,12 @@ class ShardedStep:
                 self.step, donate_argnums=(0,),
                 in_shardings=(s_sh, batch_shardings(batch, self.mesh)),
                 out_shardings=(s_sh, NamedSharding(self.mesh, PartitionSpec())))
-        return self._compiled[key](state, batch)
+        return self._compiled[key]
+
+    def __call__(self, state, batch):
+        return self._jitted(state, batch)(state, batch)
+
+    def lower(self, state, batch):
+        """The step lowered for `state` / `batch` (concrete or jax.ShapeDtypeStruct): AOT
+        compilation and XLA's memory analysis of the program that runs."""
+        return self._jitted(state, batch).lower(state, batch)

@@ -1,0 +1,265 @@
+"""`phi-reason plan CONFIG.yaml`: the per-device memory of every program a stage compiles, on the
+hardware the config names (`target:`), from the config's own model, mesh, batch and lengths.
+
+Programs (each one's peak is what is resident while it runs plus its own transients):
+- train_step: one optimizer update at the micro-batch (`train.micro_batch_size`), as
+  `plan.activation_estimate` models it; with accumulation the scan holds the gradient sum and
+  one micro-batch's gradients (2 x grads).
+- logprob_pass (RL): the old-policy and reference passes (`make_token_logprob_fn`), one
+  micro-batch at a time, forward only (`plan.forward_estimate`).
+- reference_precompute (DPO, `reference: precompute`): the same pass over the pairs, run before
+  the optimizer state exists.
+- rollout (RL, rollout-DPO; also the RL loop's held-out eval, which uses the same sampler): the
+  engine's KV cache `[L, slots, nKV, S, hd]` in the compute dtype with slots over the batch axes
+  and KV heads over `tensor` (`engine.sampler._state_sharding`), its token / log-prob buffers,
+  and the larger of a prefill group's forward and the weights gathered for one decode step.
+Sharded programs also hold FSDP-gathered weights (`plan.gathered_weight_bytes`: one layer and the
+vocabulary table, in the parameter dtype). The train step holds the vocabulary table's shape
+twice more (its unreduced gradient; with `logits_chunk` the chunk scan's gradient sum and one
+chunk's term), as XLA's buffer assignment shows (tests/test_stage_plan.py).
+Resident: the policy params (`model.param_dtype`), AdamW mu and nu (the parameter dtype, as optax
+keeps them) for training stages, and the frozen reference in the compute dtype
+(`train.policy.frozen_reference`) when the stage has one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Dict, List, Optional
+
+import jax.numpy as jnp
+
+from ..config import RunConfig, RunConfigError, load_run_config
+from ..hardware import GiB
+from ..model.config import ModelConfig
+from ..sharding.mesh import MeshError, resolve_axis_sizes
+from ..sharding.rules import merge_rules
+from . import plan as planner
+
+STAGES = ("sft", "dpo", "rl", "rollout-dpo")
+
+
+@dataclasses.dataclass
+class ProgramPlan:
+    name: str
+    shape: str  # what one device runs, in words
+    parts: Dict[str, int]  # bytes per device by consumer
+    total_bytes: int = 0
+    largest: str = ""
+    fits: Optional[bool] = None
+
+    def finish(self, usable: Optional[int]) -> "ProgramPlan":
+        self.total_bytes = sum(self.parts.values())
+        self.largest = max(self.parts, key=self.parts.get)
+        self.fits = None if usable is None else self.total_bytes <= usable
+        return self
+
+
+@dataclasses.dataclass
+class StagePlan:
+    config: str
+    stage: str
+    model: str
+    accelerator: Optional[str]
+    devices: int
+    mesh: Dict[str, int]
+    capacity_bytes: Optional[int]
+    usable_bytes: Optional[int]
+    programs: List[ProgramPlan]
+    fits: Optional[bool]
+    notes: List[str]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def detect_stage(path: str) -> str:
+    """The stage a config file is for, from its sections: `rl:` -> rl, `rollout:` ->
+    rollout-dpo, `data.schema: dpo` -> dpo, else sft."""
+    import yaml
+    with open(path) as f:
+        tree = yaml.safe_load(f) or {}
+    if "rl" in tree:
+        return "rl"
+    if "rollout" in tree:
+        return "rollout-dpo"
+    return "dpo" if (tree.get("data") or {}).get("schema") == "dpo" else "sft"
+
+
+def load_stage_config(path: str, stage: str, overrides=()):
+    if stage == "rl":
+        from .rl_config import RLRunConfig
+        return load_run_config(path, overrides, schema=RLRunConfig)
+    if stage == "rollout-dpo":
+        from .rollout_dpo import RolloutDPOConfig
+        return load_run_config(path, overrides, schema=RolloutDPOConfig)
+    return load_run_config(path, overrides)
+
+
+def stage_model(run: RunConfig) -> ModelConfig:
+    """The architecture: the checkpoint's config when `model.path` exists on this machine,
+    else `model.preset` (plans are often made before the previous stage has written its
+    model); the runtime fields (dtypes, remat, attention) from the config either way."""
+    m = run.model
+    if m.path and os.path.isdir(m.path):
+        from ..checkpoint import load_config
+        return load_config(m.path).replace(**m.runtime_fields())
+    if m.preset is None:
+        raise RunConfigError(f"plan: model.path {m.path!r} does not exist here and the config "
+                             "sets no model.preset to plan its architecture")
+    return m.build()
+
+
+def _mesh_sizes(run: RunConfig, devices: int) -> Dict[str, int]:
+    ms = run.mesh
+    dcn = ms.dcn_data * ms.dcn_fsdp
+    if devices % dcn:
+        raise MeshError(f"target.devices={devices} is not divisible by the DCN axes "
+                        f"(dcn_data x dcn_fsdp = {dcn})")
+    sizes = resolve_axis_sizes(devices // dcn, ms.data, ms.fsdp, ms.tensor)
+    sizes["data"] *= ms.dcn_data
+    sizes["fsdp"] *= ms.dcn_fsdp
+    return sizes
+
+
+def plan_stage(run: RunConfig, stage: str, accelerator: Optional[str] = None,
+               devices: Optional[int] = None, config_name: str = "") -> StagePlan:
+    if stage not in STAGES:
+        raise RunConfigError(f"plan: unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+    accelerator = accelerator or run.target.accelerator
+    devices = devices or run.target.devices
+    if not devices:
+        raise RunConfigError("plan: the config names no target.devices; give --devices N")
+    cfg = stage_model(run)
+    sizes = _mesh_sizes(run, devices)
+    rules = merge_rules(None)
+    acc, capacity, attention = planner._accelerator(accelerator)
+    if cfg.attention == "reference":  # asked for by the config: T x T scores on any device
+        attention = "reference"
+    usable = int(capacity * planner.USABLE_FRACTION) if capacity else None
+    local = planner._local_cfg(cfg, sizes, rules, cfg.dtype, cfg.param_dtype)
+    elems = planner._param_elems(cfg, sizes, rules)
+    pbytes, cbytes = jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.dtype).itemsize
+    t = run.train
+    training = stage != "rollout-dpo"
+    has_ref = (stage == "dpo" and t.dpo.reference == "params") or (stage == "rl" and t.pg.beta > 0)
+    layer_w, head_w = planner.gathered_weight_bytes(cfg, sizes, rules)
+    gathered = layer_w + head_w
+    resident = {"params": elems * pbytes}
+    if training:
+        resident["optimizer"] = 2 * elems * pbytes
+    if has_ref:
+        resident["reference"] = elems * min(pbytes, cbytes)
+
+    def rows_local(rows: int, seq: int):
+        b, s, _ = planner._local_shape(("batch", "seq", "embed"), (rows, seq, cfg.hidden_size),
+                                       sizes, rules, "activation")
+        return b, s
+
+    programs: List[ProgramPlan] = []
+    notes: List[str] = []
+    micro = t.micro_batch_size or t.batch_size
+    if stage == "rl":
+        rl = run.rl
+        seq = -(-(rl.max_prompt_tokens + rl.max_new_tokens) // rl.pad_multiple) * rl.pad_multiple
+    else:
+        seq = run.data.seq_len
+    train_rows = 2 * micro if stage == "dpo" else micro  # chosen + rejected in one forward
+    if training:
+        b, s = rows_local(train_rows, seq)
+        act, saved, logits = planner.activation_estimate(local, b, s, cfg.remat, attention,
+                                                         t.logits_chunk)
+        grads = elems * pbytes * (2 if t.accumulation_steps > 1 else 1)
+        programs.append(ProgramPlan(
+            "train_step", f"{b} x {s} tokens per micro-batch x {t.accumulation_steps}, remat "
+            f"{cfg.remat}, logits_chunk {t.logits_chunk}",
+            dict(resident, grads=grads, activations=act, logits=logits,
+                 gathered=layer_w + (3 if t.logits_chunk else 2) * head_w)))
+    if stage in ("rl", "dpo") and (stage == "rl" or t.dpo.reference == "precompute"):
+        b, s = rows_local(train_rows, seq)
+        fwd = planner.forward_estimate(local, b, s, attention, t.logits_chunk)
+        if stage == "rl":
+            programs.append(ProgramPlan(
+                "logprob_pass", f"old-policy{' and reference' if has_ref else ''} log-probs, "
+                f"{b} x {s} tokens per micro-batch",
+                dict(resident, forward=fwd, gathered=gathered)))
+        else:
+            programs.append(ProgramPlan(
+                "reference_precompute", f"reference log-probs of the pairs, {b} x {s} tokens per "
+                "micro-batch (before the optimizer state exists)",
+                {"params": resident["params"], "forward": fwd, "gathered": gathered}))
+    if stage in ("rl", "rollout-dpo"):
+        programs.append(_rollout_program(run, stage, cfg, local, sizes, resident, attention,
+                                         gathered))
+        if stage == "rl" and run.rl.eval_problems:
+            notes.append("held-out eval uses the rollout program (same sampler and slots)")
+    for p in programs:
+        p.finish(usable)
+    fits = None if usable is None else all(p.fits for p in programs)
+    return StagePlan(config_name, stage, run.model.preset or str(run.model.path), acc, devices,
+                     sizes, capacity, usable, programs, fits, notes)
+
+
+def _rollout_program(run, stage, cfg, local, sizes, resident, attention, gathered) -> ProgramPlan:
+    from ..engine.sampler import bucket
+    if stage == "rl":
+        r, rows = run.rl, run.rows_per_step()
+    else:
+        r = run.rollout
+        rows = r.prompts_per_chunk * r.samples_per_prompt
+    cap = cfg.max_position_embeddings
+    batch_ways = sizes["data"] * sizes["fsdp"]
+    slots = r.num_slots or min(rows, 64)
+    slots = -(-slots // batch_ways) * batch_ways
+    prompt = bucket(r.max_prompt_tokens, cap)
+    width = min(-(-(prompt + r.max_new_tokens) // 64) * 64, cap)
+    local_slots = slots // batch_ways
+    kv_heads = cfg.num_key_value_heads
+    if kv_heads % sizes["tensor"] == 0:
+        kv_heads //= sizes["tensor"]
+    cdt = jnp.dtype(cfg.dtype).itemsize
+    kv = 2 * cfg.num_hidden_layers * local_slots * kv_heads * width * cfg.head_dim * cdt
+    buffers = local_slots * width * 8  # tokens int32 + log-probs float32
+    prefill = planner.forward_estimate(local, local_slots, prompt, attention, 1)
+    return ProgramPlan(
+        "rollout", f"{slots} slots ({local_slots} per device) x {width} positions "
+        f"(prompt bucket {prompt} + {r.max_new_tokens} new)",
+        dict(resident, kv_cache=kv, buffers=buffers, transient=max(prefill, gathered)))
+
+
+# ------------------------------------------------------------------------------ output
+def _gib(n: int) -> str:
+    return f"{n / GiB:8.2f} GiB"
+
+
+def format_stage_plan(plan: StagePlan) -> str:
+    mesh = ",".join(f"{a}={s}" for a, s in plan.mesh.items())
+    on = (f"{plan.devices} x {plan.accelerator} ({plan.capacity_bytes / GiB:.1f} GiB, "
+          f"{planner.USABLE_FRACTION:.0%} usable = {plan.usable_bytes / GiB:.1f} GiB)"
+          if plan.accelerator else f"{plan.devices} devices (no accelerator: no verdict)")
+    lines = [f"{plan.config or plan.stage}: stage {plan.stage}, model {plan.model}, mesh {mesh} "
+             f"on {on}"]
+    for p in plan.programs:
+        verdict = "" if p.fits is None else ("  FITS" if p.fits else "  DOES NOT FIT")
+        lines.append(f"program {p.name}: {p.shape}")
+        for k, v in p.parts.items():
+            lines.append(f"  {k:<13}{_gib(v)}")
+        lines.append(f"  {'total':<13}{_gib(p.total_bytes)}   largest: {p.largest}{verdict}")
+    if plan.fits is not None:
+        lines.append("verdict: " + ("every program FITS" if plan.fits else "DOES NOT FIT: "
+                                    + ", ".join(p.name for p in plan.programs if not p.fits)))
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def main(config: str, stage: Optional[str] = None, accelerator: Optional[str] = None,
+         devices: Optional[int] = None, overrides=(), json: bool = False) -> int:
+    """`phi-reason plan CONFIG.yaml`: every program of the stage on the config's target."""
+    import json as jsonlib
+    if not os.path.isfile(config):
+        raise RunConfigError(f"plan: config file {config!r} not found")
+    stage = stage or detect_stage(config)
+    run = load_stage_config(config, stage, overrides)
+    plan = plan_stage(run, stage, accelerator, devices, os.path.basename(config))
+    print(jsonlib.dumps(plan.to_json()) if json else format_stage_plan(plan))
+    return 0
