@@ -60,7 +60,13 @@ def test_phi4_json_breakdown_is_consistent():
     # logits: float32 [4, 32768, 100352 / 4], at least the cotangent plus the saved logits
     assert plan.logits_bytes >= 2 * 4 * 32768 * 25088 * 4
     assert plan.total_bytes == (plan.params_bytes + plan.grads_bytes + plan.optimizer_bytes
-                                + plan.activations_bytes + plan.logits_bytes)
+                                + plan.activations_bytes + plan.logits_bytes
+                                + plan.gathered_bytes)
+    # FSDP gathers one layer (tensor-split) and the two vocabulary tables (embed and lm_head:
+    # untied), [100352 / 4, 5120] float32 each, held again for their gradients (no logits chunk)
+    layer = 4 * (5120 * 40 * 128 / 4 + 2 * 5120 * 10 * 128 + 40 * 128 * 5120 / 4
+                 + 3 * 5120 * 17920 / 4 + 2 * 5120)
+    assert plan.gathered_bytes == layer + 2 * (2 * 100352 // 4 * 5120 * 4)
     assert plan.fits == (plan.total_bytes <= 0.9 * 81559 * 2 ** 20)
     # the phi-4 / 64 x H100 / 64 x 32K / full-remat plan does not fit: 4 sequences per device
     # of saved layer inputs alone are 50 GiB

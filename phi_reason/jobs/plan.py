@@ -77,6 +77,7 @@ class MemoryPlan:
     activations_bytes: int
     saved_activations_bytes: int
     logits_bytes: int
+    gathered_bytes: int
     kv_cache_bytes: int
     train_peak_bytes: int
     total_bytes: int
@@ -118,13 +119,13 @@ def _param_elems(cfg: ModelConfig, sizes, rules) -> int:
 
 def gathered_weight_bytes(cfg: ModelConfig, sizes, rules) -> tuple:
     """(one layer, embedding + LM head) bytes per device once FSDP has all-gathered them: the
-    parameters' local shapes with the batch axes (data, fsdp) unsplit, in the parameter dtype.
+    parameters' local shapes with the fsdp axis unsplit, in the parameter dtype.
     A sharded program gathers a layer's weights before using them and the whole vocabulary
     table for the embedding lookup and the LM head; the backward holds the same shapes again as
-    unreduced gradients before their reduce-scatter. 0 when nothing is split over the batch axes."""
-    if sizes.get("data", 1) * sizes.get("fsdp", 1) == 1:
+    unreduced gradients before their reduce-scatter. 0 when nothing is split over fsdp."""
+    if sizes.get("fsdp", 1) == 1:
         return 0, 0
-    unsplit = dict(sizes, data=1, fsdp=1)
+    unsplit = dict(sizes, fsdp=1)
     itemsize = jnp.dtype(cfg.param_dtype).itemsize
     layer = head = 0
     for path, s in param_specs(cfg).items():
@@ -293,8 +294,13 @@ def plan_memory(cfg: ModelConfig, mesh: Dict[str, int], batch: int, seq: int,
                 param_dtype: str = "float32", compute_dtype: str = "bfloat16",
                 optimizer_dtype: str = "float32", rollout_batch: int = 0, rules=None,
                 attention: Optional[str] = None, model_name: str = "",
-                logits_chunk: int = 0) -> MemoryPlan:
-    """Per-device memory of one train step (and optional rollout KV cache) on `mesh` sizes."""
+                logits_chunk: int = 0, accumulation_steps: int = 1) -> MemoryPlan:
+    """Per-device memory of one train step (and optional rollout KV cache) on `mesh` sizes.
+    `batch` is what one forward sees: the micro-batch under gradient accumulation
+    (`accumulation_steps` > 1: the scan holds the gradient sum and one micro-batch's gradients).
+    FSDP-gathered weights: one layer and the vocabulary table, whose shape the backward holds
+    twice more (unreduced gradient; with a logits chunk the chunk scan's gradient sum and one
+    chunk's term), as XLA's buffer assignment shows (tests/test_stage_plan.py)."""
     if remat not in REMAT_POLICIES:
         raise MeshError(f"remat must be one of {REMAT_POLICIES}, got {remat!r}")
     rules = merge_rules(rules)
@@ -309,7 +315,9 @@ def plan_memory(cfg: ModelConfig, mesh: Dict[str, int], batch: int, seq: int,
     p_bytes, o_bytes = jnp.dtype(param_dtype).itemsize, jnp.dtype(optimizer_dtype).itemsize
     elems = _param_elems(cfg, sizes, rules)
     params_bytes = elems * p_bytes
-    grads_bytes = elems * p_bytes
+    grads_bytes = elems * p_bytes * (2 if accumulation_steps > 1 else 1)
+    layer_w, head_w = gathered_weight_bytes(cfg.replace(param_dtype=param_dtype), sizes, rules)
+    gathered = layer_w + (3 if logits_chunk else 2) * head_w
     optimizer_bytes = 2 * elems * o_bytes
 
     b_local, t_local, _ = _local_shape(("batch", "seq", "embed"), (batch, seq, cfg.hidden_size),
@@ -330,7 +338,7 @@ def plan_memory(cfg: ModelConfig, mesh: Dict[str, int], batch: int, seq: int,
         kv_cache = (rows * seq * cfg.num_hidden_layers * 2 * kv * cfg.head_dim
                     * jnp.dtype(compute_dtype).itemsize)
 
-    train_peak = params_bytes + optimizer_bytes + grads_bytes + activations + logits
+    train_peak = params_bytes + optimizer_bytes + grads_bytes + activations + logits + gathered
     total = max(train_peak, params_bytes + optimizer_bytes + kv_cache)
     usable = int(capacity * USABLE_FRACTION) if capacity else None
     fits = None if usable is None else total <= usable
@@ -341,7 +349,8 @@ def plan_memory(cfg: ModelConfig, mesh: Dict[str, int], batch: int, seq: int,
         compute_dtype=compute_dtype, optimizer_dtype=optimizer_dtype,
         rollout_batch=rollout_batch, params_bytes=params_bytes, grads_bytes=grads_bytes,
         optimizer_bytes=optimizer_bytes, activations_bytes=activations,
-        saved_activations_bytes=saved, logits_bytes=logits, kv_cache_bytes=kv_cache,
+        saved_activations_bytes=saved, logits_bytes=logits, gathered_bytes=gathered,
+        kv_cache_bytes=kv_cache,
         train_peak_bytes=train_peak, total_bytes=total, accelerator=acc,
         capacity_bytes=capacity, usable_bytes=usable, fits=fits, notes=notes)
 
@@ -404,6 +413,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"  logits        {_gib(plan.logits_bytes)}   (float32, "
         + (f"{plan.logits_chunk} positions at a time)" if plan.logits_chunk else
            "all positions at once; --logits-chunk N computes N at a time)"),
+        f"  gathered      {_gib(plan.gathered_bytes)}   (FSDP: one layer's weights, the "
+        "vocabulary table and its gradients)",
     ]
     if plan.rollout_batch:
         lines.append(f"  kv cache      {_gib(plan.kv_cache_bytes)}   ({plan.rollout_batch} "

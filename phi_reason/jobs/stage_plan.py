@@ -3,8 +3,7 @@ hardware the config names (`target:`), from the config's own model, mesh, batch 
 
 Programs (each one's peak is what is resident while it runs plus its own transients):
 - train_step: one optimizer update at the micro-batch (`train.micro_batch_size`), as
-  `plan.activation_estimate` models it; with accumulation the scan holds the gradient sum and
-  one micro-batch's gradients (2 x grads).
+  `plan.plan_memory` models it (with accumulation: the gradient sum and one micro-batch's).
 - logprob_pass (RL): the old-policy and reference passes (`make_token_logprob_fn`), one
   micro-batch at a time, forward only (`plan.forward_estimate`).
 - reference_precompute (DPO, `reference: precompute`): the same pass over the pairs, run before
@@ -14,9 +13,7 @@ Programs (each one's peak is what is resident while it runs plus its own transie
   and KV heads over `tensor` (`engine.sampler._state_sharding`), its token / log-prob buffers,
   and the larger of a prefill group's forward and the weights gathered for one decode step.
 Sharded programs also hold FSDP-gathered weights (`plan.gathered_weight_bytes`: one layer and the
-vocabulary table, in the parameter dtype). The train step holds the vocabulary table's shape
-twice more (its unreduced gradient; with `logits_chunk` the chunk scan's gradient sum and one
-chunk's term), as XLA's buffer assignment shows (tests/test_stage_plan.py).
+vocabulary table, in the parameter dtype; the train step its gradients too, see `plan_memory`).
 Resident: the policy params (`model.param_dtype`), AdamW mu and nu (the parameter dtype, as optax
 keeps them) for training stages, and the frozen reference in the compute dtype
 (`train.policy.frozen_reference`) when the stage has one.
@@ -143,8 +140,7 @@ def plan_stage(run: RunConfig, stage: str, accelerator: Optional[str] = None,
     t = run.train
     training = stage != "rollout-dpo"
     has_ref = (stage == "dpo" and t.dpo.reference == "params") or (stage == "rl" and t.pg.beta > 0)
-    layer_w, head_w = planner.gathered_weight_bytes(cfg, sizes, rules)
-    gathered = layer_w + head_w
+    gathered = sum(planner.gathered_weight_bytes(cfg, sizes, rules))
     resident = {"params": elems * pbytes}
     if training:
         resident["optimizer"] = 2 * elems * pbytes
@@ -166,15 +162,16 @@ def plan_stage(run: RunConfig, stage: str, accelerator: Optional[str] = None,
         seq = run.data.seq_len
     train_rows = 2 * micro if stage == "dpo" else micro  # chosen + rejected in one forward
     if training:
-        b, s = rows_local(train_rows, seq)
-        act, saved, logits = planner.activation_estimate(local, b, s, cfg.remat, attention,
-                                                         t.logits_chunk)
-        grads = elems * pbytes * (2 if t.accumulation_steps > 1 else 1)
+        tp = planner.plan_memory(cfg, sizes, train_rows, seq, remat=cfg.remat, accelerator=None,
+                                 param_dtype=cfg.param_dtype, compute_dtype=cfg.dtype,
+                                 optimizer_dtype=cfg.param_dtype, rules=rules,
+                                 attention=attention, logits_chunk=t.logits_chunk,
+                                 accumulation_steps=t.accumulation_steps)
         programs.append(ProgramPlan(
-            "train_step", f"{b} x {s} tokens per micro-batch x {t.accumulation_steps}, remat "
-            f"{cfg.remat}, logits_chunk {t.logits_chunk}",
-            dict(resident, grads=grads, activations=act, logits=logits,
-                 gathered=layer_w + (3 if t.logits_chunk else 2) * head_w)))
+            "train_step", f"{tp.local_batch} x {tp.local_seq} tokens per micro-batch x "
+            f"{t.accumulation_steps}, remat {cfg.remat}, logits_chunk {t.logits_chunk}",
+            dict(resident, grads=tp.grads_bytes, activations=tp.activations_bytes,
+                 logits=tp.logits_bytes, gathered=tp.gathered_bytes)))
     if stage in ("rl", "dpo") and (stage == "rl" or t.dpo.reference == "precompute"):
         b, s = rows_local(train_rows, seq)
         fwd = planner.forward_estimate(local, b, s, attention, t.logits_chunk)
