@@ -36,18 +36,34 @@ def job_mesh():
     return mesh_from_config(MeshSection(enabled=True)) if processes.process_count() > 1 else None
 
 
+RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention", "scan_layers", "attention_chunk")
+# Context extension changes no weight: Phi-4-reasoning is Phi-4 trained at 32K with RoPE theta
+# 500K (PHI4_FACTS 1), so these may override a checkpoint's config.
+CONTEXT_FIELDS = ("rope_theta", "max_position_embeddings", "original_max_position_embeddings")
+
+
+def check_context(cfg, seq_len: int, what: str = "data.seq_len") -> None:
+    """Rows longer than the model's positions would run RoPE past what it was configured for."""
+    if seq_len > cfg.max_position_embeddings:
+        raise RunConfigError(
+            f"{what} {seq_len} exceeds the model's max_position_embeddings "
+            f"{cfg.max_position_embeddings}; to extend the context set "
+            f"model.overrides.max_position_embeddings (and rope_theta, as Phi-4-reasoning does)")
+
+
 def build_model(run: RunConfig, mesh=None):
     """(cfg, params): from `model.path` (HF or Orbax dir), else a random init of the preset."""
     m = run.model
     if m.path:
         from ..checkpoint import load_pretrained
         cfg, params = load_pretrained(m.path, dtype=m.param_dtype, mesh=mesh)
-        runtime = {k: v for k, v in m.runtime_fields().items() if k in (
-            "param_dtype", "dtype", "remat", "attention", "scan_layers", "attention_chunk")}
+        runtime = {k: v for k, v in m.runtime_fields().items() if k in RUNTIME_FIELDS
+                   or k in CONTEXT_FIELDS}
         arch = set(m.overrides) - set(runtime)
         if arch:
             raise RunConfigError(f"model.overrides: {sorted(arch)} change the architecture of the "
-                                 f"checkpoint at model.path {m.path!r}; only runtime fields apply")
+                                 f"checkpoint at model.path {m.path!r}; only runtime and context-"
+                                 f"length fields ({', '.join(CONTEXT_FIELDS)}) apply")
         return cfg.replace(**runtime), params
     cfg = m.build()
     key = jax.random.PRNGKey(m.init_seed)
@@ -144,6 +160,7 @@ def place_global_batch(batch: dict, mesh) -> dict:
 def setup_run(run: RunConfig, kind: str):
     mesh = build_mesh(run)
     cfg, params = build_model(run, mesh)
+    check_context(cfg, run.data.seq_len)
     data, n_records = build_data(run, kind)
     total = resolve_total_steps(run, n_records)
     train_cfg = dataclasses.replace(run.train, steps=total)

@@ -161,6 +161,9 @@ def plan_stage(run: RunConfig, stage: str, accelerator: Optional[str] = None,
     else:
         seq = run.data.seq_len
     train_rows = 2 * micro if stage == "dpo" else micro  # chosen + rejected in one forward
+    if stage in ("sft", "dpo"):
+        from .build import check_context
+        check_context(cfg, seq)
     if training:
         tp = planner.plan_memory(cfg, sizes, train_rows, seq, remat=cfg.remat, accelerator=None,
                                  param_dtype=cfg.param_dtype, compute_dtype=cfg.dtype,
