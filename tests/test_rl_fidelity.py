@@ -2,6 +2,7 @@
 the sampler/trainer mismatch logged every step, truncated importance sampling, and the config
 checks of the options behind them. Tiny random model, a stand-in grader (no worker processes)."""
 import dataclasses
+import time
 
 import jax
 import numpy as np
@@ -171,3 +172,35 @@ def test_fidelity_config_options_checked_at_load():
                               "rl.temperature.anneal_steps=5"])
     assert load_rl_config(None, ["rl.old_logprobs=sampler", "train.batch_size=64",
                                  "rl.logprob_temperature=one"]).sampler_logprobs_match()
+
+
+class SlowGrader(SubstringGrader):
+    """Each verdict takes 20 ms to come back: the step's wait for the grader."""
+
+    def submit(self, prediction, gold, mode):
+        verdict = super().submit(prediction, gold, mode)
+
+        class Slow:
+            def result(self_):
+                time.sleep(0.02)
+                return verdict
+        return Slow()
+
+
+def test_step_time_breakdown_and_tokens(task):
+    """Per-step phases (sampling, log-prob passes, the wait for the grader, updates) within the
+    step's wall time; tokens generated = the sampled completions' lengths; RL tokens/s as NeMo-RL
+    defines it: all prompt + completion tokens of the step / step time / devices."""
+    loop = _loop(task, "train.pg.beta=0.01")
+    loop.grader = SlowGrader()
+    m = loop.step()
+    phases = [m[f"time/{p}_s"] for p in ("sample", "logprob", "grade_wait", "update")]
+    assert all(p > 0 for p in phases) and sum(phases) <= m["time/step_s"]
+    assert m["time/grade_wait_s"] >= 16 * 0.02  # 4 prompts x 4 samples, graded one by one
+    rows = m["rollout/groups_sampled"] * 4
+    assert m["tokens/generated"] == pytest.approx(m["rollout/length_mean"] * rows)
+    assert len({len(p.ids) for p in task["prompts"]}) == 1  # "Q:NN": every prompt one length
+    prompt_tokens = rows * len(task["prompts"][0].ids)
+    total = (m["tokens/generated"] + prompt_tokens) / m["time/step_s"]
+    assert m["rl/tokens_per_s_per_device"] == pytest.approx(total, rel=1e-6)
+    assert m["tokens/trained"] > m["tokens/generated"]  # prompts and completions, every update

@@ -66,6 +66,7 @@ from ..train.steps import make_pg_step
 from .build import place_global_batch
 from .prompts import PromptIterator
 from .rl_config import RLRunConfig
+from .timing import PhaseTimer
 
 _COMPILED: dict = {}
 
@@ -137,6 +138,7 @@ class RLLoop:
         self.logprob_fn = _cached(("logprob", model_cfg, mesh, chunk, micro),
                                   lambda: make_token_logprob_fn(model_cfg, mesh, chunk, micro))
         self.step_index = 0
+        self.timer = PhaseTimer()
         # One slot count for every sampling call (rounds of different sizes, evaluation), so the
         # sampler compiles once.
         self.num_slots = self.rl.num_slots or min(64, config.rows_per_step())
@@ -185,18 +187,21 @@ class RLLoop:
     def rollout_round(self, prompts: Sequence[Prompt], temperature: float, seed: int) -> list:
         """Sample, grade (in the pool, overlapped with the log-prob passes) and score one round."""
         g = self.rl.group_size
-        out = self.sample(prompts, temperature, seed, g)
+        with self.timer("sample"):
+            out = self.sample(prompts, temperature, seed, g)
         texts = self.decode(out.tokens)
         answers = [p.answer for p in prompts for _ in range(g)]
         pending = submit_grading(self.grader, list(zip(texts, answers)), "reward")
         prompt_rows = [p.ids for p in prompts for _ in range(g)]
         lp_temperature = self.logprob_temperature(temperature)
-        old = (out.logprobs if self.rl.old_logprobs == "sampler"
-               else self.row_logprobs(self.state.params, prompt_rows, out.tokens, lp_temperature))
-        ref = None
-        if self.ref_params is not None:
-            ref = self.row_logprobs(self.ref_params, prompt_rows, out.tokens, lp_temperature)
-        correct = pending()
+        with self.timer("logprob"):
+            old = (out.logprobs if self.rl.old_logprobs == "sampler" else
+                   self.row_logprobs(self.state.params, prompt_rows, out.tokens, lp_temperature))
+            ref = None
+            if self.ref_params is not None:
+                ref = self.row_logprobs(self.ref_params, prompt_rows, out.tokens, lp_temperature)
+        with self.timer("grade_wait"):  # grading overlapped the passes: what is left of it
+            correct = pending()
         groups = score_groups(prompts, out.tokens, out.logprobs, out.finish_reasons, texts, correct,
                               g, self.reward_fn)
         for i, grp in enumerate(groups):
@@ -272,7 +277,7 @@ class RLLoop:
     def update(self, groups: Sequence[Group]) -> dict:
         rng = np.random.default_rng([self.rl.seed, self.step_index, 17])
         totals: dict = {}
-        n = 0
+        n, trained = 0, 0.0
         for _ in range(self.rl.mu):
             for batch in self.minibatches(groups, rng):
                 self.state, m = self.pg_step(self.state, self.place(batch))
@@ -282,12 +287,15 @@ class RLLoop:
                                              f"gradient at optimizer step {int(self.state.step)}")
                 for k, v in m.items():
                     totals[k] = totals.get(k, 0.0) + float(np.asarray(v))
+                trained += float(np.asarray(m["tokens"]))
                 n += 1
-        return {f"train/{k}": v / max(n, 1) for k, v in totals.items()} | {"train/updates": n}
+        return ({f"train/{k}": v / max(n, 1) for k, v in totals.items()}
+                | {"train/updates": n, "tokens/trained": trained})
 
     # ------------------------------------------------------------------ one step
     def step(self) -> dict:
         temperature = self.temperature(self.step_index)
+        self.timer.take()
         t0 = time.perf_counter()
         kept, sampled = self.collect(temperature)
         t1 = time.perf_counter()
@@ -300,9 +308,13 @@ class RLLoop:
                                      scale_rewards=self.rl.scale_rewards, eps=self.rl.advantage_eps)
             for grp, a in zip(kept, adv):
                 grp.advantages = a
-            metrics.update(self.update(kept))
-        metrics.update({"rl/temperature": temperature,
-                        "time/rollout_s": t1 - t0, "time/update_s": time.perf_counter() - t1})
+            with self.timer("update"):
+                metrics.update(self.update(kept))
+        metrics.update(self.timer.take())
+        metrics.update(step_tokens(sampled, time.perf_counter() - t0,
+                                   1 if self.mesh is None else self.mesh.size))
+        metrics.update({"rl/temperature": temperature, "time/rollout_s": t1 - t0,
+                        "time/update_s": metrics.get("time/update_s", 0.0)})
         self.step_index += 1
         return metrics
 
@@ -323,6 +335,15 @@ class RLLoop:
     def load_extra_state(self, extra: dict) -> None:
         self.step_index = int(extra["rl_step"])
         self.prompts.set_state(extra["prompts"])
+
+
+def step_tokens(sampled: Sequence[Group], step_s: float, devices: int) -> dict:
+    """Tokens generated, and RL tokens/s as NeMo-RL reports it: every token of the step's rollouts
+    (prompts and completions) / step time / devices."""
+    generated = sum(int(n) for g in sampled for n in g.lengths)
+    prompts = sum(len(g.prompt.ids) * len(g.lengths) for g in sampled)
+    return {"tokens/generated": float(generated), "time/step_s": step_s,
+            "rl/tokens_per_s_per_device": (prompts + generated) / max(step_s, 1e-9) / devices}
 
 
 def rollout_metrics(sampled: Sequence[Group], kept: Sequence[Group]) -> dict:
