@@ -26,7 +26,7 @@ STEP_FAULTS = textwrap.dedent("""
     x = jnp.ones((3072, 1024), jnp.float32)
     w = jnp.full((1024, 1024), 1e-3, jnp.float32)
     faults = []
-    for _ in range(9):
+    for _ in range(24):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         w = w - 1e-3 * step(w, x)
         w.block_until_ready()
@@ -46,9 +46,11 @@ def _faults_per_step(mode):
 def test_tuned_process_stops_faulting_in_step_buffers():
     default, tuned = _faults_per_step("default"), _faults_per_step("tuned")
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-    # Without tuning every step faults its temp space in again (~25k 4 KiB pages here);
-    # with it the heap keeps the freed blocks: a typical step faults nothing, or a few pages
-    # while the heap settles (seen: medians 0-650 pages, also under a parallel test run).
+    # Without tuning every step faults its temp space in again (~25k 4 KiB pages here). With it
+    # the heap grows until fragmentation settles (the module measured 5-17 steps; CI once still
+    # faulted at step 9) and then keeps the freed blocks: judged on the last 12 of 24 steps, where
+    # a settled heap faults nothing but a rare regrowth.
+    default, tuned = default[12:], tuned[12:]
     assert median(default) > 7_500, default
     assert median(tuned) < median(default) / 8, (tuned, default)
 

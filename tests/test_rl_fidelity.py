@@ -202,5 +202,5 @@ def test_step_time_breakdown_and_tokens(task):
     assert len({len(p.ids) for p in task["prompts"]}) == 1  # "Q:NN": every prompt one length
     prompt_tokens = rows * len(task["prompts"][0].ids)
     total = (m["tokens/generated"] + prompt_tokens) / m["time/step_s"]
-    assert m["rl/tokens_per_s_per_device"] == pytest.approx(total, rel=1e-6)
+    assert m["time/tokens_per_s_per_device"] == pytest.approx(total, rel=1e-6)
     assert m["tokens/trained"] > m["tokens/generated"]  # prompts and completions, every update

@@ -343,7 +343,7 @@ def step_tokens(sampled: Sequence[Group], step_s: float, devices: int) -> dict:
     generated = sum(int(n) for g in sampled for n in g.lengths)
     prompts = sum(len(g.prompt.ids) * len(g.lengths) for g in sampled)
     return {"tokens/generated": float(generated), "time/step_s": step_s,
-            "rl/tokens_per_s_per_device": (prompts + generated) / max(step_s, 1e-9) / devices}
+            "time/tokens_per_s_per_device": (prompts + generated) / max(step_s, 1e-9) / devices}
 
 
 def rollout_metrics(sampled: Sequence[Group], kept: Sequence[Group]) -> dict:
