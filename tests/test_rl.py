@@ -139,40 +139,99 @@ def test_dynamic_sampling_in_loop_keeps_only_informative_groups(task, tmp_path):
     assert len(kept) == 8 or all(np.ptp(g.rewards) == 0 for g in dropped)
 
 
-def test_rl_checkpoint_resume_matches_uninterrupted(task, tmp_path):
-    extra = ("rl.steps=4", "rl.mu=2", "output.save_every=1", "rl.temperature.start=1.0",
-             "rl.temperature.end=0.5", "rl.temperature.anneal_steps=4",
-             "rl.prompt_filter=true", "rl.filter_all_wrong=false", "rl.max_sampling_rounds=2")
+RESUME_RUN = ("rl.steps=4", "rl.mu=2", "rl.temperature.start=1.0", "rl.temperature.end=0.5",
+              "rl.temperature.anneal_steps=4", "rl.prompt_filter=true",
+              "rl.filter_all_wrong=false", "rl.max_sampling_rounds=2")
 
-    def go(name, resume=False, hooks=()):
-        return train_rl(_config(tmp_path, name, *extra), model=(task["cfg"], _copy(task["params"])),
-                        tokenizer=task["tok"], prompts=task["train"], resume=resume, hooks=hooks)
 
-    full = go("full")
+def _run(task, root, name, *extra, resume=False, hooks=()):
+    return train_rl(_config(root, name, *RESUME_RUN, *extra),
+                    model=(task["cfg"], _copy(task["params"])), tokenizer=task["tok"],
+                    prompts=task["train"], resume=resume, hooks=hooks)
 
-    def preempt(loop, step):
+
+@pytest.fixture(scope="module")
+def uninterrupted(task, tmp_path_factory):
+    return _run(task, tmp_path_factory.mktemp("rl"), "full", "output.save_every=1")
+
+
+def _records(result):
+    lines = (result.out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")} for x in lines]
+
+
+def _assert_same_run(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert _records(a) == _records(b)
+
+
+def test_rl_checkpoint_resume_matches_uninterrupted(task, uninterrupted, tmp_path):
+    def preempt(trainer, step):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    part = go("resumed", hooks=[preempt])
+    part = _run(task, tmp_path, "resumed", "output.save_every=1", hooks=[preempt])
     assert part.steps == 2 and not (part.out / "final").exists()
-    resumed = go("resumed", resume=True)
+    resumed = _run(task, tmp_path, "resumed", "output.save_every=1", resume=True)
     assert resumed.steps == 4
-    for a, b in zip(jax.tree_util.tree_leaves(full.params),
-                    jax.tree_util.tree_leaves(resumed.params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-    def records(result):
-        lines = (result.out / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(x).items() if not k.startswith("time/")}
-                for x in lines]
-
     # Same prompts drawn, same temperatures (annealing 1.0 -> 0.5 continues where it stopped),
     # same rewards and losses: the resumed log equals the uninterrupted one.
-    assert [r["rl/temperature"] for r in records(full)] == pytest.approx([1.0, 0.875, 0.75, 0.625])
-    assert records(resumed) == records(full)
+    assert [r["rl/temperature"] for r in _records(uninterrupted)] == pytest.approx(
+        [1.0, 0.875, 0.75, 0.625])
+    _assert_same_run(uninterrupted, resumed)
     with pytest.raises(Exception, match="already holds checkpoints"):
-        go("full")
+        _run(task, uninterrupted.out.parent, "full")
+
+
+@pytest.mark.parametrize("where", ["rollout", "update"])
+def test_rl_stopped_inside_a_step_resumes_exactly(task, uninterrupted, tmp_path, monkeypatch,
+                                                  where):
+    """SIGTERM in the middle of step 3's decoding (rows of <= 16 tokens in chunks of 4: the
+    second chunk) or between its two minibatch updates: the run saves and exits at the next safe
+    point, without finishing the step; --resume ends where the uninterrupted run ends, bitwise.
+    The interrupted run only checkpoints when stopped (save_every 100)."""
+    from phi_reason.engine import sampler
+
+    calls = {"decode": 0, "update": 0}
+    decode = sampler._decode
+
+    def decode_then_signal(*args, **kw):
+        calls["decode"] += 1
+        if calls["decode"] == calls.get("signal_at_decode"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return decode(*args, **kw)
+
+    def arm(trainer, step):  # after step 2: signal during step 3
+        if step != 2:
+            return
+        if where == "rollout":
+            calls["signal_at_decode"] = calls["decode"] + 2
+            return
+        loop = trainer.source.loop
+        pg_step = loop.pg_step
+
+        def update_then_signal(state, batch):
+            out = pg_step(state, batch)
+            calls["update"] += 1
+            if calls["update"] == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+
+        loop.pg_step = update_then_signal
+
+    monkeypatch.setattr(sampler, "_decode", decode_then_signal)
+    part = _run(task, tmp_path, "stopped", "rl.safe_point_tokens=4", hooks=[arm])
+    assert part.steps == 2 and not (part.out / "final").exists()
+    assert [r["step"] for r in _records(part)] == [1, 2]  # step 3 was never completed
+    (saved,) = [p.name for p in (part.out / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved == ("2" if where == "rollout" else "3")  # update: partial step 3
+    if where == "update":
+        assert calls["update"] == 1  # the second minibatch never ran
+    monkeypatch.setattr(sampler, "_decode", decode)
+    resumed = _run(task, tmp_path, "stopped", "rl.safe_point_tokens=4", resume=True)
+    assert resumed.steps == 4 and (resumed.out / "final").is_dir()
+    _assert_same_run(uninterrupted, resumed)
 
 
 def test_rollout_dpo_pairs_are_correct_vs_incorrect(task, tmp_path):

@@ -13,6 +13,7 @@ from phi_reason.data.chat import render_prompt, stop_ids
 from phi_reason.data.tokenizer import CharTokenizer
 from phi_reason.jobs.rl_config import load_rl_config
 from phi_reason.jobs.rl_loop import RLLoop
+from phi_reason.jobs.rl_pending import training_rows
 from phi_reason.model.config import ModelConfig
 from phi_reason.model.params import init_params
 from phi_reason.train.policy import logprob_mismatch
@@ -112,7 +113,7 @@ def test_minibatches_carry_per_row_temperature_and_sampler_logprobs(task):
     groups = loop.rollout_round(task["prompts"][:4], 0.8, seed=5)
     for g in groups:
         g.advantages = np.zeros(len(g.tokens))
-    (batch,) = loop.minibatches(groups, np.random.default_rng(0))
+    (batch,) = loop.minibatches(training_rows(groups), np.random.default_rng(0))
     assert batch["temperature"].shape == (16,) and batch["temperature"].dtype == np.float32
     np.testing.assert_array_equal(batch["temperature"], np.float32(0.8))
     assert batch["sampler_logprobs"].shape == batch["old_logprobs"].shape

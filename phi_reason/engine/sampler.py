@@ -49,6 +49,10 @@ from .sampling import SamplingParams, sample_rows
 MIN_BUCKET = 16
 
 
+class GenerationInterrupted(Exception):
+    """`generate`'s `interrupt()` returned True at a safe point (between decode chunks)."""
+
+
 @dataclasses.dataclass
 class GenerateOutput:
     tokens: List[List[int]]  # generated ids per prompt (a stop token that ended the row included)
@@ -248,7 +252,9 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
              top_p: float = 1.0, top_k: int = 0, stop_tokens: Optional[Sequence[int]] = None,
              seed: int = 0, num_slots: Optional[int] = None, mesh=None,
              on_tokens: Optional[Callable[[int, List[int]], None]] = None,
-             stream_every: int = 8, unroll_layers: Optional[bool] = None) -> GenerateOutput:
+             stream_every: int = 8, unroll_layers: Optional[bool] = None,
+             interrupt: Optional[Callable[[], bool]] = None,
+             interrupt_every: int = 256) -> GenerateOutput:
     """Generate continuations of `prompts` (lists of token ids, any lengths).
 
     max_new_tokens: one budget for all prompts or one per prompt. A row also ends at
@@ -262,6 +268,9 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     mesh: a jax Mesh; rows go over (data, fsdp) and heads over tensor.
     on_tokens(prompt_index, new_ids): streaming callback, called every `stream_every` steps.
     unroll_layers: unroll the layer loop in decode (default: on CPU, or when not cfg.scan_layers).
+    interrupt(): asked before every decode chunk of at most `interrupt_every` steps; True raises
+      GenerationInterrupted (the partial rows are dropped). Under several processes every process
+      asks at the same points, so it may be a collective.
     """
     prompts = [list(map(int, p)) for p in prompts]
     n = len(prompts)
@@ -377,7 +386,11 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                 continue
         if all(r < 0 for r in slot_row):
             break
+        if interrupt is not None and interrupt():
+            raise GenerationInterrupted("generation interrupted at a safe point")
         max_steps = stream_every if on_tokens is not None else np.iinfo(np.int32).max
+        if interrupt is not None:
+            max_steps = min(max_steps, max(1, int(interrupt_every)))
         st = _decode(params, st, key, stop_ids, jnp.asarray(bool(queue)), jnp.int32(max_steps),
                      **kw)
     return GenerateOutput(out_tokens, out_logprobs, reasons)

@@ -3,8 +3,9 @@
 `train_rl` builds the model, tokenizer, prompts and grader pool, then runs `RLLoop` (rl_loop.py) one
 RL step per trainer step through the shared trainer loop (trainer.py): its Orbax checkpoints (the RL
 step, prompt-stream position and retired prompts travel as the source's position), metrics log,
-progress bar and SIGTERM/SIGINT handling (save, then exit cleanly). `--resume` continues from the
-latest checkpoint exactly where the run stopped.
+progress bar and SIGTERM/SIGINT handling (save, then exit cleanly; inside a step at the loop's safe
+points, see rl_loop.py). `--resume` continues from the latest checkpoint exactly where the run
+stopped.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Callable, Sequence
 
 from .rl_config import RLRunConfig
 from .rl_loop import RLLoop
+from .rl_pending import PendingUpdate
 from .trainer import Trainer, json_safe
 
 
@@ -53,6 +55,20 @@ class RLSteps:
             metrics.update(self.last_eval)
         self.history.append(json_safe({"step": step, **metrics}))
         return metrics
+
+    @property
+    def interrupt(self):
+        return self.loop.interrupt
+
+    @interrupt.setter
+    def interrupt(self, check):  # the trainer's stop check, asked at the loop's safe points
+        self.loop.interrupt = check
+
+    def pending_target(self, meta: dict) -> dict:
+        return PendingUpdate.restore_target(meta)
+
+    def restore_pending(self, arrays: dict, meta: dict) -> None:
+        self.loop.pending = PendingUpdate.unpack(arrays, meta)
 
     def get_state(self) -> dict:
         return self.loop.extra_state()

@@ -78,6 +78,9 @@ class RLSection:
     # fold_temperature). The sampler/trainer mismatch (mismatch/* metrics) is logged every step
     # with recompute.
     old_logprobs: str = "recompute"
+    # A stop signal (SIGTERM) is honoured inside a step at safe points: after every decode chunk
+    # of this many tokens, every log-prob minibatch and every update minibatch (see rl_loop.py).
+    safe_point_tokens: int = 256
     grader_workers: int = 2
     grader_timeout: float = 5.0
     # RL steps between held-out evaluations (0: only at the end, if eval_problems)
@@ -116,7 +119,8 @@ class RLRunConfig(RunConfig):
             raise RunConfigError(f"{where}: rl.{key}: {why}")
 
         for key in ("steps", "prompts_per_step", "mu", "max_new_tokens", "max_prompt_tokens",
-                    "pad_multiple", "max_sampling_rounds", "grader_workers"):
+                    "pad_multiple", "max_sampling_rounds", "grader_workers",
+                    "safe_point_tokens"):
             if getattr(rl, key) <= 0:
                 bad(key, f"must be positive, got {getattr(rl, key)}")
         if rl.group_size < 2:

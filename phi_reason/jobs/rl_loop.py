@@ -33,6 +33,14 @@ sampled row; `train.pg.tis` weights each token's surrogate by min(exp(old - samp
 
 `extra_state()` / `load_extra_state()` hold what a checkpoint needs beyond the TrainState: the RL
 step, the prompt-iterator position and retired prompts (the temperature is a function of the step).
+
+Stopping inside a step (`interrupt`, set by the trainer: True once the processes agreed to stop):
+asked after every decode chunk of rl.safe_point_tokens tokens, every log-prob minibatch and before
+every update minibatch. During rollouts the step's partial work is dropped (nothing of the state
+changed yet; the prompt stream is rewound) and the trainer saves the last completed step; during
+updates the step's rows and progress are kept (`rl_pending.PendingUpdate`, saved with the state),
+and `--resume` applies the remaining minibatches. Either way the resumed run equals an
+uninterrupted one bitwise.
 """
 from __future__ import annotations
 
@@ -46,6 +54,7 @@ import jax
 import numpy as np
 
 from ..data.tokenizer import completion_text
+from ..engine.sampler import GenerationInterrupted, generate
 from ..train.advantages import (
     GroupBuffer,
     compute_advantages,
@@ -66,7 +75,9 @@ from ..train.steps import make_pg_step
 from .build import place_global_batch
 from .prompts import PromptIterator
 from .rl_config import RLRunConfig
+from .rl_pending import PendingUpdate, training_rows
 from .timing import PhaseTimer
+from .trainer import StepInterrupted
 
 _COMPILED: dict = {}
 
@@ -90,8 +101,6 @@ def evaluate_policy(params, cfg, tokenizer, prompts: Sequence[Prompt], stop_ids,
                     max_new_tokens: int, samples: int = 1, temperature: float = 0.0,
                     seed: int = 12345, mode: str = "eval", num_slots=None, mesh=None) -> dict:
     """Accuracy of `samples` completions per prompt (greedy by default), graded in `mode`."""
-    from ..engine.sampler import generate
-
     out = generate(params, cfg, [p.ids for p in prompts for _ in range(samples)],
                    max_new_tokens=max_new_tokens, temperature=temperature,
                    stop_tokens=tuple(stop_ids), seed=seed, num_slots=num_slots, mesh=mesh)
@@ -138,6 +147,8 @@ class RLLoop:
         self.logprob_fn = _cached(("logprob", model_cfg, mesh, chunk, micro),
                                   lambda: make_token_logprob_fn(model_cfg, mesh, chunk, micro))
         self.step_index = 0
+        self.pending: Optional[PendingUpdate] = None  # a step stopped inside its updates
+        self.interrupt: Callable[[], bool] = lambda: False  # the trainer's stop check
         self.timer = PhaseTimer()
         # One slot count for every sampling call (rounds of different sizes, evaluation), so the
         # sampler compiles once.
@@ -146,8 +157,6 @@ class RLLoop:
     # ------------------------------------------------------------------ rollouts
     def sample(self, prompts: Sequence[Prompt], temperature: float, seed: int, group_size: int,
                max_new_tokens: Optional[int] = None):
-        from ..engine.sampler import generate
-
         rows = [p.ids for p in prompts for _ in range(group_size)]
         params = self.state.params
         if self.rl.fold_temperature and temperature not in (0.0, 1.0):
@@ -156,7 +165,8 @@ class RLLoop:
                         max_new_tokens=max_new_tokens or self.rl.max_new_tokens,
                         temperature=temperature, top_p=self.rl.top_p if temperature else 1.0,
                         top_k=self.rl.top_k if temperature else 0, stop_tokens=self.stop_ids,
-                        seed=seed, num_slots=self.num_slots, mesh=self.mesh)
+                        seed=seed, num_slots=self.num_slots, mesh=self.mesh,
+                        interrupt=self.interrupt, interrupt_every=self.rl.safe_point_tokens)
 
     def decode(self, tokens) -> list:
         return [completion_text(self.tokenizer, t, self.stop_ids) for t in tokens]
@@ -172,6 +182,8 @@ class RLLoop:
         bs = self.config.train.batch_size
         out = []
         for start in range(0, len(completions), bs):
+            if self.interrupt():
+                raise StepInterrupted()
             p, c = prompt_rows[start:start + bs], completions[start:start + bs]
             n_real = len(c)
             p, c = list(p) + [[0]] * (bs - n_real), list(c) + [[]] * (bs - n_real)
@@ -241,12 +253,9 @@ class RLLoop:
         return buffer.groups, sampled
 
     # ------------------------------------------------------------------ updates
-    def minibatches(self, groups: Sequence[Group], rng: np.random.Generator) -> list:
-        """Shuffled minibatches of train.batch_size rows (short last one padded with empty rows)."""
-        rows = [(grp.prompt.ids, grp.tokens[j], float(grp.advantages[j]), grp.old_logprobs[j],
-                 None if grp.ref_logprobs is None else grp.ref_logprobs[j], grp.temperature,
-                 grp.logprobs[j])
-                for grp in groups for j in range(len(grp.tokens))]
+    def minibatches(self, rows: Sequence[tuple], rng: np.random.Generator) -> list:
+        """Shuffled minibatches of train.batch_size training rows (`rl_pending.training_rows`; a
+        short last one padded with empty rows)."""
         tis = self.config.train.pg.tis
         order = rng.permutation(len(rows))
         bs = self.config.train.batch_size
@@ -274,32 +283,42 @@ class RLLoop:
             batches.append(batch)
         return batches
 
-    def update(self, groups: Sequence[Group]) -> dict:
+    def update(self, pending: PendingUpdate) -> dict:
+        """The step's minibatch updates, from the first not yet applied (`pending.done`); raises
+        StepInterrupted(pending) before a minibatch once the processes agreed to stop."""
         rng = np.random.default_rng([self.rl.seed, self.step_index, 17])
-        totals: dict = {}
-        n, trained = 0, 0.0
+        index = 0
         for _ in range(self.rl.mu):
-            for batch in self.minibatches(groups, rng):
+            for batch in self.minibatches(pending.rows, rng):
+                index += 1
+                if index <= pending.done:
+                    continue  # applied before the run was stopped
+                if self.interrupt():
+                    raise StepInterrupted(pending)
                 self.state, m = self.pg_step(self.state, self.place(batch))
                 m = jax.device_get(m)
                 if not float(m["finite"]) and self.config.train.on_nonfinite == "stop":
                     raise FloatingPointError(f"RL step {self.step_index}: non-finite loss or "
                                              f"gradient at optimizer step {int(self.state.step)}")
                 for k, v in m.items():
-                    totals[k] = totals.get(k, 0.0) + float(np.asarray(v))
-                trained += float(np.asarray(m["tokens"]))
-                n += 1
-        return ({f"train/{k}": v / max(n, 1) for k, v in totals.items()}
-                | {"train/updates": n, "tokens/trained": trained})
+                    pending.totals[k] = pending.totals.get(k, 0.0) + float(np.asarray(v))
+                pending.trained += float(np.asarray(m["tokens"]))
+                pending.done += 1
+        n = pending.done
+        return ({f"train/{k}": v / max(n, 1) for k, v in pending.totals.items()}
+                | {"train/updates": n, "tokens/trained": pending.trained})
 
     # ------------------------------------------------------------------ one step
-    def step(self) -> dict:
-        temperature = self.temperature(self.step_index)
-        self.timer.take()
-        t0 = time.perf_counter()
-        kept, sampled = self.collect(temperature)
-        t1 = time.perf_counter()
-        metrics = rollout_metrics(sampled, kept)
+    def rollouts(self, temperature: float) -> PendingUpdate:
+        """Sample, grade, score and filter the step's groups; their training rows and metrics.
+        Stopped inside (StepInterrupted), the prompt stream is rewound to the step's start."""
+        start = self.prompts.get_state()
+        try:
+            kept, sampled = self.collect(temperature)
+        except (StepInterrupted, GenerationInterrupted):
+            self.prompts.set_state(start)
+            raise StepInterrupted() from None
+        metrics = rollout_metrics(sampled, kept) | step_tokens(sampled)
         if self.rl.old_logprobs == "recompute":
             metrics.update(logprob_mismatch([r for g in sampled for r in g.logprobs],
                                             [r for g in sampled for r in g.old_logprobs]))
@@ -308,13 +327,27 @@ class RLLoop:
                                      scale_rewards=self.rl.scale_rewards, eps=self.rl.advantage_eps)
             for grp, a in zip(kept, adv):
                 grp.advantages = a
+        return PendingUpdate(training_rows(kept), metrics)
+
+    def step(self) -> dict:
+        temperature = self.temperature(self.step_index)
+        self.timer.take()
+        t0 = time.perf_counter()
+        pending, self.pending = self.pending, None
+        if pending is None:
+            pending = self.rollouts(temperature)
+        t1 = time.perf_counter()
+        metrics = dict(pending.metrics)
+        if pending.rows:
             with self.timer("update"):
-                metrics.update(self.update(kept))
+                metrics.update(self.update(pending))
         metrics.update(self.timer.take())
-        metrics.update(step_tokens(sampled, time.perf_counter() - t0,
-                                   1 if self.mesh is None else self.mesh.size))
+        step_s = time.perf_counter() - t0
+        devices = 1 if self.mesh is None else self.mesh.size
         metrics.update({"rl/temperature": temperature, "time/rollout_s": t1 - t0,
-                        "time/update_s": metrics.get("time/update_s", 0.0)})
+                        "time/update_s": metrics.get("time/update_s", 0.0), "time/step_s": step_s,
+                        "time/tokens_per_s_per_device":
+                            metrics["tokens/rollout"] / max(step_s, 1e-9) / devices})
         self.step_index += 1
         return metrics
 
@@ -337,13 +370,12 @@ class RLLoop:
         self.prompts.set_state(extra["prompts"])
 
 
-def step_tokens(sampled: Sequence[Group], step_s: float, devices: int) -> dict:
-    """Tokens generated, and RL tokens/s as NeMo-RL reports it: every token of the step's rollouts
-    (prompts and completions) / step time / devices."""
+def step_tokens(sampled: Sequence[Group]) -> dict:
+    """Tokens generated, and every token of the step's rollouts (prompts and completions): RL
+    tokens/s as NeMo-RL reports it is the latter / step time / devices."""
     generated = sum(int(n) for g in sampled for n in g.lengths)
     prompts = sum(len(g.prompt.ids) * len(g.lengths) for g in sampled)
-    return {"tokens/generated": float(generated), "time/step_s": step_s,
-            "time/tokens_per_s_per_device": (prompts + generated) / max(step_s, 1e-9) / devices}
+    return {"tokens/generated": float(generated), "tokens/rollout": float(prompts + generated)}
 
 
 def rollout_metrics(sampled: Sequence[Group], kept: Sequence[Group]) -> dict:

@@ -16,6 +16,11 @@ position (`get_state()` / `set_state()`, JSON-able) and the progress-bar fields.
   state) or, with `train.on_nonfinite=skip`, logs and goes on;
 - resume: restores the latest checkpoint and the position and truncates `metrics.jsonl` to it, so a
   preempted-and-resumed run logs exactly what an uninterrupted run logs;
+- stopping inside a step: a source with an `interrupt` attribute gets the trainer's agreed stop
+  check (`stop_agreed`); at its own safe points it raises `StepInterrupted`, carrying nothing (the
+  step's partial work is dropped and the last completed step is saved) or a partial step
+  (`pack()` -> arrays + JSON; saved as checkpoint n + 1 marked partial, restored through the
+  source's `restore_pending`, and replaced when step n + 1 completes);
 - hooks: `hook(trainer, step)` after each step is dispatched (tests inject preemption there).
 """
 from __future__ import annotations
@@ -48,6 +53,15 @@ class StepSource(Protocol):
     def get_state(self): ...
     def set_state(self, state) -> None: ...
     def postfix(self, metrics: dict) -> dict: ...  # progress-bar fields
+
+
+class StepInterrupted(Exception):
+    """Raised by a step source at a safe point inside a step once the processes agreed to stop.
+    `partial`: None, or what resuming inside the step needs (`pack() -> (arrays, meta)`)."""
+
+    def __init__(self, partial=None):
+        super().__init__("step interrupted at a safe point")
+        self.partial = partial
 
 
 class NonFiniteError(RunFailed):
@@ -172,17 +186,25 @@ class Trainer:
         return self.source.state
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, step: int) -> None:
+    def save(self, step: int, partial=None) -> None:
+        """Checkpoint `step` (completed), or the partial step `step` (what it kept in `partial`).
+        A checkpoint already at `step` (the partial one a resumed run started from) is replaced."""
         ocp = self._ocp
         position = self.source.get_state()
         data = {"iterator": position}
         if processes.process_count() > 1:  # each host reads its own share: one position each
             data["per_process"] = [json.loads(t) for t in
                                    processes.gather_texts(json.dumps(position, sort_keys=True))]
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(self.source.state.checkpoint_items()),
-            data=ocp.args.JsonSave(data)), force=True)
-        self.last_saved = step
+        items = {"state": ocp.args.StandardSave(self.source.state.checkpoint_items())}
+        if partial is not None:
+            arrays, data["partial"] = partial.pack()
+            items["partial"] = ocp.args.StandardSave(arrays)
+        if step in self.manager.all_steps():
+            self.manager.wait_until_finished()
+            self.manager.delete(step)
+        self.manager.save(step, args=ocp.args.Composite(data=ocp.args.JsonSave(data), **items),
+                          force=True)
+        self.last_saved = step if partial is None else None
 
     def _own_position(self, data: dict, step: int):
         """This process's data position from a checkpoint written by any number of processes."""
@@ -210,6 +232,13 @@ class Trainer:
         self.source.state = self.source.state.with_checkpoint_items(got["state"])
         self.source.set_state(position)
         self.last_saved = step
+        meta = got["data"].get("partial")
+        if meta is not None:  # stopped inside step `step`: the source finishes it first
+            target = self.source.pending_target(meta)
+            arrays = self.manager.restore(step, args=ocp.args.Composite(
+                partial=ocp.args.StandardRestore(target)))["partial"]
+            self.source.restore_pending(arrays, meta)
+            self.last_saved, step = None, step - 1
         return step
 
     # ------------------------------------------------------------------ signals
@@ -217,6 +246,17 @@ class Trainer:
         if self.stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.stop_signal = signum
+
+    def stop_agreed(self) -> bool:
+        """Whether the processes agreed to stop (a signal reached one of them). A collective
+        under several processes: every process must ask at the same points."""
+        if not self.stopped:
+            self.stopped = processes.any_process(self.stop_signal is not None)
+        return self.stopped
+
+    def _signal_name(self) -> str:
+        return (signal.Signals(self.stop_signal).name if self.stop_signal
+                else "a signal to another process")
 
     def _start(self, resume: bool) -> int:
         latest = self.manager.latest_step()
@@ -250,9 +290,27 @@ class Trainer:
         step = start
         pending = None
         self._clock = time.perf_counter()
+        if hasattr(self.source, "interrupt"):
+            self.source.interrupt = self.stop_agreed
         try:
             while step < self.total_steps:
-                metrics = self.source.step(step + 1)
+                try:
+                    metrics = self.source.step(step + 1)
+                except StepInterrupted as inside:
+                    if pending is not None:
+                        self._record(pending, log, bar)
+                        pending = None
+                    if inside.partial is not None:
+                        self.save(step + 1, inside.partial)
+                        saved = f"partial step {step + 1}"
+                    else:
+                        if self.last_saved != step:
+                            self.save(step)
+                        saved = f"step {step}"
+                    kept = getattr(inside.partial, "kept", "the partial work is redone on resume")
+                    say(f"\n{self._signal_name()} inside step {step + 1}: saved checkpoint "
+                        f"({saved}; {kept}); exiting")
+                    break
                 if metrics is None:
                     break
                 step += 1
@@ -262,15 +320,13 @@ class Trainer:
                 for hook in self.hooks:
                     hook(self, step)
                 # a signal may reach the processes at different steps: they agree on stopping
-                stop = self.stopped = processes.any_process(self.stop_signal is not None)
+                stop = self.stop_agreed()
                 if stop or step % self.run.output.save_every == 0 or step == self.total_steps:
                     self._record(pending, log, bar)
                     pending = None
                     self.save(step)
                 if stop:
-                    name = (signal.Signals(self.stop_signal).name if self.stop_signal
-                            else "a signal to another process")
-                    say(f"\n{name}: saved checkpoint at step {step}; exiting")
+                    say(f"\n{self._signal_name()}: saved checkpoint at step {step}; exiting")
                     break
             if pending is not None:
                 self._record(pending, log, bar)
