@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hf_reference import TINY_SHAPES
 
+from phi_reason.engine.paged_sampler import generate_paged
 from phi_reason.engine.sampler import generate
 from phi_reason.model.decoder import forward
 from phi_reason.model.params import init_params
@@ -20,6 +21,15 @@ from phi_reason.model.params import init_params
 CFG = TINY_SHAPES["phi-4-mini-like"].replace(initializer_range=0.2)  # LongRoPE, original_max 64
 OMAX = CFG.original_max_position_embeddings
 REF_LEN = 128  # the reference forward runs on sequences padded to this length (one compile)
+# The static sampler (the reference engine) and the paged engine, with blocks and chunks small
+# enough that every row spans several of both.
+ENGINES = {"static": generate,
+           "paged": functools.partial(generate_paged, block_size=8, chunk_steps=8)}
+
+
+@pytest.fixture(params=sorted(ENGINES))
+def engine(request):
+    return ENGINES[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +81,10 @@ def prompts():
                                              (dict(temperature=0.8, top_p=0.9, top_k=50), True),
                                              (dict(), False)],
                          ids=["greedy", "sampled", "greedy-scanned-layers"])
-def test_logprobs_equal_forward_of_full_sequence(params, prompts, sampling, unroll):
+def test_logprobs_equal_forward_of_full_sequence(engine, params, prompts, sampling, unroll):
     """unroll=True: per-layer cache buffers (CPU default); False: the stacked cache under a
     `lax.scan` over layers (the accelerator default with scan_layers)."""
-    out = generate(params, CFG, prompts, NEW, stop_tokens=(), seed=5, unroll_layers=unroll,
+    out = engine(params, CFG, prompts, NEW, stop_tokens=(), seed=5, unroll_layers=unroll,
                    **sampling)
     for p, toks, lps, reason in zip(prompts, out.tokens, out.logprobs, out.finish_reasons):
         assert len(toks) == len(lps) == NEW and reason == "length"
@@ -111,18 +121,19 @@ def stop_token(params, batching_prompts):
 
 @pytest.mark.parametrize("sampling", [dict(), dict(temperature=1.0, top_k=20)],
                          ids=["greedy", "sampled"])
-def test_continuous_batching_matches_one_at_a_time(params, batching_prompts, stop_token, sampling):
+def test_continuous_batching_matches_one_at_a_time(engine, params, batching_prompts, stop_token,
+                                                   sampling):
     kw = dict(stop_tokens=(stop_token,), seed=3, **sampling)
-    batched = generate(params, CFG, batching_prompts, BUDGETS, num_slots=2, **kw)
+    batched = engine(params, CFG, batching_prompts, BUDGETS, num_slots=2, **kw)
     if sampling:
         # One slot: the prompts run strictly one after another. Sampling keys derive from
         # (seed, prompt index, token index), so the same call with one slot must agree.
-        alone = generate(params, CFG, batching_prompts, BUDGETS, num_slots=1, **kw)
+        alone = engine(params, CFG, batching_prompts, BUDGETS, num_slots=1, **kw)
         singles = list(zip(alone.tokens, alone.logprobs, alone.finish_reasons))
     else:  # greedy: one call per prompt
         singles = []
         for p, budget in zip(batching_prompts, BUDGETS):
-            one = generate(params, CFG, [p], budget, num_slots=1, **kw)
+            one = engine(params, CFG, [p], budget, num_slots=1, **kw)
             singles.append((one.tokens[0], one.logprobs[0], one.finish_reasons[0]))
     for i, (toks, lps, reason) in enumerate(singles):
         assert batched.tokens[i] == toks, f"prompt {i}"
@@ -138,19 +149,19 @@ def test_continuous_batching_matches_one_at_a_time(params, batching_prompts, sto
         assert "stop" in reasons and "length" in reasons
 
 
-def test_same_seed_same_output_other_seed_differs(params, batching_prompts):
+def test_same_seed_same_output_other_seed_differs(engine, params, batching_prompts):
     kw = dict(temperature=1.0, top_k=20, stop_tokens=(), num_slots=2)
-    a = generate(params, CFG, batching_prompts, BUDGETS, seed=3, **kw)
-    b = generate(params, CFG, batching_prompts, BUDGETS, seed=3, **kw)
-    c = generate(params, CFG, batching_prompts, BUDGETS, seed=4, **kw)
+    a = engine(params, CFG, batching_prompts, BUDGETS, seed=3, **kw)
+    b = engine(params, CFG, batching_prompts, BUDGETS, seed=3, **kw)
+    c = engine(params, CFG, batching_prompts, BUDGETS, seed=4, **kw)
     assert a.tokens == b.tokens and a.logprobs == b.logprobs
     assert a.tokens != c.tokens
 
 
-def test_total_length_capped_at_max_positions(params):
+def test_total_length_capped_at_max_positions(engine, params):
     cfg = CFG.replace(max_position_embeddings=80)
     prompt = list(range(1, 71))
-    out = generate(params, cfg, [prompt], 30, stop_tokens=())
+    out = engine(params, cfg, [prompt], 30, stop_tokens=())
     assert len(out.tokens[0]) == 10 and out.finish_reasons == ["length"]
 
 
@@ -163,11 +174,11 @@ def test_total_length_capped_at_max_positions(params):
     (dict(max_new_tokens=[3, 4]), "2 entries for 1 prompts"),
     (dict(max_new_tokens=0), "must be >= 1"),
 ])
-def test_bad_arguments_are_named(params, kwargs, match):
+def test_bad_arguments_are_named(engine, params, kwargs, match):
     args = dict(prompts=[[1, 2, 3]], max_new_tokens=4)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        generate(params, CFG, **args)
+        engine(params, CFG, **args)
 
 
 @pytest.mark.parametrize("position, regime", [(OMAX - 2, False), (OMAX + 5, True)])

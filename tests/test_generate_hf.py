@@ -11,6 +11,7 @@ import pytest
 import torch
 from hf_reference import TINY_SHAPES, params_from_hf, random_hf_model
 
+from phi_reason.engine.paged_sampler import generate_paged
 from phi_reason.engine.sampler import generate
 
 NEW_TOKENS = 64
@@ -30,17 +31,19 @@ def hf_greedy(model, prompt, max_new_tokens):
     return out[0, len(prompt):].tolist()
 
 
+@pytest.mark.parametrize("engine", ["static", "paged"])
 @pytest.mark.parametrize("family,lengths", [
     ("phi-4-like", (5, 12, 16, 30)),
     ("phi-4-mini-like", (50, 9, 70)),
 ])
-def test_greedy_matches_transformers(family, lengths):
+def test_greedy_matches_transformers(family, lengths, engine):
     cfg = tiny(family)
     model = random_hf_model(cfg, seed=3)
     params = params_from_hf(model, cfg)
     rng = np.random.default_rng(7)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
-    ours = generate(params, cfg, prompts, NEW_TOKENS, stop_tokens=(), num_slots=2)
+    run = generate if engine == "static" else generate_paged
+    ours = run(params, cfg, prompts, NEW_TOKENS, stop_tokens=(), num_slots=2)
     for p, toks, reason in zip(prompts, ours.tokens, ours.finish_reasons):
         ref = hf_greedy(model, p, NEW_TOKENS)
         assert len(set(ref[NEW_TOKENS // 2:])) > 8, \

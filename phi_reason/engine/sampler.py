@@ -58,6 +58,7 @@ class GenerateOutput:
     tokens: List[List[int]]  # generated ids per prompt (a stop token that ended the row included)
     logprobs: List[List[float]]  # untempered log-probability of each generated token
     finish_reasons: List[str]  # "stop" | "length"
+    stats: dict = dataclasses.field(default_factory=dict)  # engine counters (paged engine)
 
 
 class SlotState(NamedTuple):
@@ -188,7 +189,7 @@ def _decode(params, st, key, stop_ids, refill_wanted, max_steps, *, cfg, sp, sha
     return st
 
 
-_split_layers = jax.jit(split_layers)
+split_layers_jit = jax.jit(split_layers)
 
 
 def _pad_group(n: int, cap: int) -> int:
@@ -198,7 +199,7 @@ def _pad_group(n: int, cap: int) -> int:
     return min(p, cap)
 
 
-def _batch_axes(mesh) -> tuple:
+def batch_axes(mesh) -> tuple:
     return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
 
 
@@ -207,7 +208,7 @@ def _state_sharding(mesh, cfg: ModelConfig, per_layer: bool = False):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    b = _batch_axes(mesh) or None
+    b = batch_axes(mesh) or None
     heads = "tensor" if ("tensor" in mesh.axis_names
                          and cfg.num_key_value_heads % mesh.shape["tensor"] == 0) else None
     rows = NamedSharding(mesh, P(b))
@@ -232,7 +233,7 @@ def _host_reader(mesh):
     return lambda *xs: tuple(map(np.asarray, jax.device_get(gather(xs))))
 
 
-def _place_params(params, cfg: ModelConfig, mesh):
+def place_params(params, cfg: ModelConfig, mesh):
     """Parameters already laid out on `mesh` (e.g. the trainer's live ones) are used as they are;
     otherwise they are placed by the project's sharding rules (heads / MLP / vocab over tensor,
     embed over fsdp)."""
@@ -245,6 +246,33 @@ def _place_params(params, cfg: ModelConfig, mesh):
            for x in leaves):
         return params
     return jax.device_put(params, param_shardings(cfg, mesh))
+
+
+def check_requests(cfg: ModelConfig, prompts, max_new_tokens):
+    """(prompts as int lists, one budget per prompt), or ValueError naming the bad prompt."""
+    prompts = [list(map(int, p)) for p in prompts]
+    n = len(prompts)
+    budgets = ([int(max_new_tokens)] * n if np.ndim(max_new_tokens) == 0
+               else [int(m) for m in max_new_tokens])
+    if len(budgets) != n:
+        raise ValueError(f"max_new_tokens has {len(budgets)} entries for {n} prompts")
+    for i, (p, m) in enumerate(zip(prompts, budgets)):
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        if m < 1:
+            raise ValueError(f"max_new_tokens for prompt {i} must be >= 1, got {m}")
+        if len(p) >= cfg.max_position_embeddings:
+            raise ValueError(f"prompt {i} has {len(p)} tokens; the model allows "
+                             f"{cfg.max_position_embeddings} positions in total")
+        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token id {bad[0]} outside [0, {cfg.vocab_size})")
+    return prompts, budgets
+
+
+def stop_ids_of(cfg: ModelConfig, stop_tokens):
+    stops = cfg.stop_token_ids if stop_tokens is None else tuple(int(t) for t in stop_tokens)
+    return jnp.asarray(stops or (-1,), jnp.int32)
 
 
 def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
@@ -272,28 +300,12 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
       GenerationInterrupted (the partial rows are dropped). Under several processes every process
       asks at the same points, so it may be a collective.
     """
-    prompts = [list(map(int, p)) for p in prompts]
+    prompts, budgets = check_requests(cfg, prompts, max_new_tokens)
     n = len(prompts)
     if n == 0:
         return GenerateOutput([], [], [])
-    budgets = ([int(max_new_tokens)] * n if np.ndim(max_new_tokens) == 0
-               else [int(m) for m in max_new_tokens])
-    if len(budgets) != n:
-        raise ValueError(f"max_new_tokens has {len(budgets)} entries for {n} prompts")
-    for i, (p, m) in enumerate(zip(prompts, budgets)):
-        if not p:
-            raise ValueError(f"prompt {i} is empty")
-        if m < 1:
-            raise ValueError(f"max_new_tokens for prompt {i} must be >= 1, got {m}")
-        if len(p) >= cfg.max_position_embeddings:
-            raise ValueError(f"prompt {i} has {len(p)} tokens; the model allows "
-                             f"{cfg.max_position_embeddings} positions in total")
-        bad = [t for t in p if not 0 <= t < cfg.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i} has token id {bad[0]} outside [0, {cfg.vocab_size})")
     sp = SamplingParams(float(temperature), float(top_p), int(top_k)).validate()
-    stops = cfg.stop_token_ids if stop_tokens is None else tuple(int(t) for t in stop_tokens)
-    stop_ids = jnp.asarray(stops or (-1,), jnp.int32)
+    stop_ids = stop_ids_of(cfg, stop_tokens)
 
     slots = int(num_slots or min(n, 64))
     if unroll_layers is None:
@@ -301,10 +313,10 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     unroll_layers = bool(unroll_layers)
     sharding = None
     if mesh is not None:
-        mult = int(np.prod([mesh.shape[a] for a in _batch_axes(mesh)] or [1]))
+        mult = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)] or [1]))
         slots = _round_up(slots, mult)
         sharding = _state_sharding(mesh, cfg, per_layer=unroll_layers)
-        params = _place_params(params, cfg, mesh)
+        params = place_params(params, cfg, mesh)
     # Static capacity: the longest prompt's bucket plus the largest budget, rounded up so that
     # similar calls (an RL loop) reuse the compiled functions.
     cap = cfg.max_position_embeddings
@@ -313,7 +325,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     if unroll_layers and not isinstance(params["layers"], list):
         # Sliced once per call, not inside `_decode`: that is re-entered at every refill of
         # continuous batching, and each entry would copy every layer's weights again.
-        params = _split_layers(params)
+        params = split_layers_jit(params)
     st = init_state(cfg, slots, width, per_layer=unroll_layers)
     if sharding is not None:
         st = jax.device_put(st, sharding)
