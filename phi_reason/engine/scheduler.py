@@ -254,12 +254,11 @@ class Scheduler:
     def _rows_used(self, shard: int) -> int:
         return len(self._on_shard(shard))
 
-    def _admit(self, seq: Sequence, prefills: List[Prefill], copies: list) -> bool:
+    def _best_shard(self, seq: Sequence, cached: int, grouped: bool):
+        """(score, shard, prefix, shared full blocks, copied tail blocks) or None if no shard
+        has a free row and the blocks; prefers a shard holding the group's prefix, then the
+        most free blocks."""
         bs = self.block_size
-        cached = seq.length - 1
-        grouped = seq.fresh and seq.share_key is not None and (
-            self._waiting_in_group[seq.share_key] > 1 or
-            any(k == seq.share_key for k, _ in self.prefixes))
         best = None
         for shard, pool in enumerate(self.pools):
             if self._rows_used(shard) >= self.max_rows:
@@ -274,6 +273,18 @@ class Scheduler:
                 score = (prefix is not None, pool.free)
                 if best is None or score > best[0]:
                     best = (score, shard, prefix, full, tail)
+        return best
+
+    def _admit(self, seq: Sequence, prefills: List[Prefill], copies: list) -> bool:
+        cached = seq.length - 1
+        can_share = seq.fresh and seq.share_key is not None and (
+            self._waiting_in_group[seq.share_key] > 1 or
+            any(k == seq.share_key for k, _ in self.prefixes))
+        # Sharing first; if the group's prefix does not fit beside the row, the row alone.
+        for grouped in ([True, False] if can_share else [False]):
+            best = self._best_shard(seq, cached, grouped)
+            if best is not None:
+                break
         if best is None:
             return False
         _, shard, prefix, full, tail = best
