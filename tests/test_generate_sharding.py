@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hf_reference import TINY_SHAPES
 
+from phi_reason.engine.paged_sampler import generate_paged
 from phi_reason.engine.sampler import generate
 from phi_reason.model.params import init_params
 from phi_reason.sharding.mesh import make_mesh
@@ -16,7 +17,8 @@ from phi_reason.sharding.mesh import make_mesh
 CFG = TINY_SHAPES["phi-4-mini-like"].replace(initializer_range=0.2)
 
 
-def test_mesh_generation_equals_single_device():
+@pytest.mark.parametrize("engine", ["static", "paged"])
+def test_mesh_generation_equals_single_device(engine):
     """Sampled (temperature, top-k, top-p over the tensor-sharded vocabulary); the same call as
     the sampled logprob test in test_generate.py, so the single-device run reuses its compiles."""
     if len(jax.devices()) < 8:
@@ -25,9 +27,10 @@ def test_mesh_generation_equals_single_device():
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (40, 50, 60, 70)]
     kw = dict(stop_tokens=(), seed=5, num_slots=4, temperature=0.8, top_p=0.9, top_k=50)
-    single = generate(params, CFG, prompts, 30, **kw)
+    run = generate if engine == "static" else generate_paged
+    single = run(params, CFG, prompts, 30, **kw)
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    sharded = generate(params, CFG, prompts, 30, mesh=mesh, **kw)
+    sharded = run(params, CFG, prompts, 30, mesh=mesh, **kw)
     assert sharded.tokens == single.tokens
     assert sharded.finish_reasons == single.finish_reasons
     # Tensor parallelism changes float32 summation order (partial sums over head / MLP / vocab

@@ -18,6 +18,7 @@ blocks with its own sampling key, so outputs equal the unshared path's.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import jax
@@ -32,7 +33,7 @@ from .sampler import (
     batch_axes,
     bucket,
     check_requests,
-    place_params,
+    host_reader,
     split_layers_jit,
     stop_ids_of,
 )
@@ -61,14 +62,39 @@ def kv_budget_bytes(device=None) -> int:
 
 
 def _pool_blocks(cfg, rows, max_limit, block_size, chunk, dtype, budget) -> int:
-    """Blocks per shard: enough for every row at its full length (no preemption), or what the
-    budget holds, but at least one row's longest chunk plus scratch."""
+    """Blocks per shard: enough for every row at its full length (no preemption), rounded up to a
+    power of two, or what the budget holds, but at least one row at full length plus scratch."""
     per_row = -(-(max_limit - 1) // block_size)
-    want = rows * per_row + 1
+    want = _pow2(rows * per_row + 1)  # a power of two: calls of similar sizes share compiles
     per_block = kv_bytes_per_block(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                    block_size, jnp.dtype(dtype).itemsize)
     fits = blocks_for_memory(budget, per_block)
     return max(min(want, fits), per_row + 2)
+
+
+DECODE_RULES = {"embed": None}  # decode layout: weights replicated over data/fsdp, TP over tensor
+
+
+def inference_params(params, cfg: ModelConfig, mesh=None):
+    """The weights decoding reads, prepared once per call: in the compute dtype (bf16 when the
+    model computes in bf16: half the bytes of fp32 masters per step) and, on a mesh, replicated
+    over the batch axes and split over `tensor` only, so the decode loop gathers no weights
+    (FSDP-sharded training weights would cross the interconnect at every token). The math is
+    unchanged: every layer casts its weights to the compute dtype anyway."""
+    dt = jnp.dtype(cfg.dtype)
+
+    def cast(p):
+        return jax.tree_util.tree_map(
+            lambda w: w.astype(dt) if jnp.issubdtype(w.dtype, jnp.floating) else w, p)
+
+    if mesh is None:
+        return cast(params) if dt != jnp.float32 else params
+    from ..model.sharded import param_shardings
+
+    shardings = param_shardings(cfg, mesh, DECODE_RULES)
+    if isinstance(params["layers"], list):
+        raise ValueError("inference_params wants the stacked layer dict (before split_layers)")
+    return jax.jit(cast, out_shardings=shardings)(params)
 
 
 def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
@@ -105,7 +131,7 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     shards = 1
     if mesh is not None:
         shards = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)] or [1]))
-        params = place_params(params, cfg, mesh)
+    params = inference_params(params, cfg, mesh)
     rows = -(-int(num_slots or min(n, 64)) // shards)  # per shard
     if unroll_layers is None:
         unroll_layers = jax.default_backend() == "cpu" or not cfg.scan_layers
@@ -116,9 +142,13 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     if kv_blocks is None:
         budget = kv_bytes if kv_bytes is not None else kv_budget_bytes()
         kv_blocks = _pool_blocks(cfg, rows, max(limits), block_size, chunk, kv_dtype, budget)
-    pool = init_pool(cfg, shards, int(kv_blocks), block_size, kv_dtype, per_layer=unroll_layers)
-    if mesh is not None:
-        pool = jax.device_put(pool, _pool_sharding(mesh, cfg, unroll_layers))
+    make_pool = functools.partial(init_pool, cfg, shards, int(kv_blocks), block_size, kv_dtype,
+                                  per_layer=unroll_layers)
+    if mesh is None:
+        pool = make_pool()
+    else:  # created in place, shard by shard (no full copy on one device first)
+        pool = jax.jit(make_pool, out_shardings=_pool_sharding(mesh, cfg, unroll_layers))()
+    read = host_reader(mesh)
     sched = Scheduler(int(kv_blocks), block_size, rows, chunk, shards)
     for i, p in enumerate(prompts):
         sched.add(i, len(p), limits[i], tuple(p) if share_prefix else None)
@@ -158,7 +188,7 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                                  arr["limit"], arr["pause_at"], arr["row_id"], arr["active"],
                                  arr["table"], jnp.int32(max_steps), jnp.int32(min_live),
                                  cfg=cfg, sp=sp, chunk=chunk)
-        toks, lps, length, done, stopped = map(np.asarray, jax.device_get(tuple(out)))
+        toks, lps, length, done, stopped = read(*out)
         counts["chunks"] += 1
         for d, ids in enumerate(step.rows):
             for j, sid in enumerate(ids):

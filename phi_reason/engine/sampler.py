@@ -220,7 +220,7 @@ def _state_sharding(mesh, cfg: ModelConfig, per_layer: bool = False):
                      NamedSharding(mesh, P(b, None)), rows, rows, rows, rows, rows, rows, rows)
 
 
-def _host_reader(mesh):
+def host_reader(mesh):
     """`read(*arrays) -> numpy arrays` of slot-state fields for the host scheduler. Under several
     processes each holds only its rows, so the fields are all-gathered (replicated) first; every
     process then runs the same scheduling decisions on the same values."""
@@ -349,7 +349,7 @@ def generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                 on_tokens(i, new)
 
     omax = cfg.original_max_position_embeddings
-    read = _host_reader(mesh)
+    read = host_reader(mesh)
     while True:
         done, length, stopped = read(st.done, st.length, st.stopped)
         finished = [b for b in range(slots) if slot_row[b] >= 0 and done[b]]
