@@ -73,11 +73,7 @@ def _over_layers(params, pool: KVPool, x, fn):
             vs.append(vl)
         return x, KVPool(tuple(ks), tuple(vs))
     if isinstance(layers, list):
-        k, v = pool
-        for i, lp in enumerate(layers):
-            x, ki, vi = fn(lp, x, k[i], v[i])
-            k, v = k.at[i].set(ki), v.at[i].set(vi)
-        return x, KVPool(k, v)
+        raise ValueError("a stacked KV pool needs the stacked layer dict (scanned)")
 
     def body(carry, xs):
         x, k, v = carry
@@ -106,7 +102,7 @@ def prefill_blocks(params, pool: KVPool, tokens, lengths, use_long, blocks, *, c
     regime of the row's *next* token (the cache must be computed in the regime it is read in).
     """
     d, n, t = tokens.shape
-    bs = (pool.k[0] if isinstance(pool.k, tuple) else pool.k[0]).shape[3]
+    bs = pool.k[0].shape[-2]  # layer 0 of either layout: [D, NB, nKV, bs, hd]
     flat = lambda a: a.reshape((d * n,) + a.shape[2:])  # noqa: E731
     _, k, v = prefill(params, cfg, flat(tokens), jnp.maximum(flat(lengths), 1), flat(use_long))
 
@@ -166,7 +162,7 @@ def paged_decode_step(params, cfg: ModelConfig, pool: KVPool, tokens, positions,
     """One token per row: tokens, positions [D, R]; the new key/value goes to position
     positions[d, r] of the row's blocks. Returns (logits [D, R, V] float32, pool)."""
     d, r = tokens.shape
-    bs = (pool.k[0] if isinstance(pool.k, tuple) else pool.k[0]).shape[3]
+    bs = pool.k[0].shape[-2]  # layer 0 of either layout: [D, NB, nKV, bs, hd]
     flat_pos = positions.reshape(d * r, 1).astype(jnp.int32)
     use_long = flat_pos[:, 0] + 1 > cfg.original_max_position_embeddings
     cos, sin = rope_tables(cfg, flat_pos, use_long=_use_long(cfg, use_long))

@@ -61,7 +61,7 @@ def kv_budget_bytes(device=None) -> int:
     return int((stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * ACCEL_KV_FRACTION)
 
 
-def _pool_blocks(cfg, rows, max_limit, block_size, chunk, dtype, budget) -> int:
+def _pool_blocks(cfg, rows, max_limit, block_size, dtype, budget) -> int:
     """Blocks per shard: enough for every row at its full length (no preemption), rounded up to a
     power of two, or what the budget holds, but at least one row at full length plus scratch."""
     per_row = -(-(max_limit - 1) // block_size)
@@ -141,7 +141,7 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     chunk = int(chunk_steps)
     if kv_blocks is None:
         budget = kv_bytes if kv_bytes is not None else kv_budget_bytes()
-        kv_blocks = _pool_blocks(cfg, rows, max(limits), block_size, chunk, kv_dtype, budget)
+        kv_blocks = _pool_blocks(cfg, rows, max(limits), block_size, kv_dtype, budget)
     make_pool = functools.partial(init_pool, cfg, shards, int(kv_blocks), block_size, kv_dtype,
                                   per_layer=unroll_layers)
     if mesh is None:
