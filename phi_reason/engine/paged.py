@@ -1,7 +1,10 @@
 """Device side of the paged engine: a block pool of keys/values and pure functions over it.
 
     pool k, v: a tuple of L arrays [D, NB, nKV, bs, hd] (per-layer buffers, for the unrolled layer
-               loop) or one stacked [L, D, NB, nKV, bs, hd] array (scanned)
+               loop) or one stacked [L, D, NB, nKV, bs, hd] array (scanned): the "split" layout
+    kernel layout (`init_pool(..., layout="kernel")`): KVPool(kv, None), kv per layer
+               [D, NB, bs, 2*nKV, hd] with K at even and V at odd heads (the page layout of
+               JAX's ragged paged attention TPU kernel, see paged_tpu.py)
 
 D = shards of the batch axes of a mesh (1 without one): every shard has its own blocks and rows,
 and every array that the host scheduler indexes by block or row carries the shard dim first, so
@@ -13,9 +16,14 @@ its blocks point at block 0, the scratch block, which is never read unmasked.
 over its table's blocks: the table width W is bucketed (power of two) to the live rows' blocks,
 not the capacity of a row, and rows are compacted by the host between chunks, so the work of a
 step follows the live rows and their lengths. The attention is the static cache's math
-(`kv_cache.decode_attention`: scale hd^-0.5, float32 scores and softmax, GQA groups) over the
-gathered blocks. On TPU, JAX's ragged paged attention kernel reads the blocks in place instead of
-gathering them; on CPU this XLA gather path is the exact reference.
+(`kv_cache.decode_attention`: scale hd^-0.5, float32 scores and softmax, GQA groups) over blocks
+gathered by XLA into [D, R, W, nKV, bs, hd] (`paged_attention`): the exact reference, and the
+only path for the split layout on every backend. A kernel-layout pool on the TPU backend, with
+shapes the kernel supports (head_dim a multiple of 128, KV heads tileable:
+`paged_tpu.kernel_supports`), is read in place by JAX's Pallas ragged paged attention kernel
+instead; elsewhere it takes the same XLA gather path. The engine (paged_sampler.generate_paged)
+builds split pools; the kernel path runs per device (single device or inside a shard_map), since
+GSPMD does not partition a pallas_call. Kernel choices per backend: docs/paged_kernels.md.
 """
 from __future__ import annotations
 
@@ -31,12 +39,13 @@ from ..model.config import ModelConfig
 from ..model.decoder import attention_inputs, embed_tokens, layer_output, logits_from_hidden
 from ..model.kv_cache import prefill
 from ..model.rope import rope_tables
+from . import paged_tpu
 from .sampling import SamplingParams, sample_rows
 
 
 class KVPool(NamedTuple):
     k: object  # tuple of L [D, NB, nKV, bs, hd] arrays, or [L, D, NB, nKV, bs, hd]
-    v: object
+    v: object  # same; None in the kernel layout, where k holds [D, NB, bs, 2*nKV, hd] pages
 
 
 class ChunkOut(NamedTuple):
@@ -48,38 +57,55 @@ class ChunkOut(NamedTuple):
 
 
 def init_pool(cfg: ModelConfig, shards: int, num_blocks: int, block_size: int, dtype=None,
-              per_layer: bool = True) -> KVPool:
+              per_layer: bool = True, layout: str = "split") -> KVPool:
+    """Zeros. layout "split": k, v [D, NB, nKV, bs, hd]; "kernel": the TPU kernel's combined
+    pages KVPool(kv [D, NB, bs, 2*nKV, hd] with K at even and V at odd heads, None)."""
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (shards, num_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim)
+    if layout == "split":
+        shape = (shards, num_blocks, cfg.num_key_value_heads, block_size, cfg.head_dim)
+    elif layout == "kernel":
+        shape = (shards, num_blocks, block_size, 2 * cfg.num_key_value_heads, cfg.head_dim)
+    else:
+        raise ValueError(f"unknown KV pool layout {layout!r} (split or kernel)")
     if per_layer:
         def zeros():
             return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
     else:
         def zeros():
             return jnp.zeros((cfg.num_hidden_layers,) + shape, dtype)
-    return KVPool(zeros(), zeros())
+    return KVPool(zeros(), zeros() if layout == "split" else None)
+
+
+def _kernel_layout(pool: KVPool) -> bool:
+    return pool.v is None
+
+
+def _block_size(pool: KVPool) -> int:
+    layer0 = pool.k[0]  # layer 0 of either layer arrangement: [D, NB, ...]
+    return layer0.shape[-3] if _kernel_layout(pool) else layer0.shape[-2]
 
 
 def _over_layers(params, pool: KVPool, x, fn):
-    """x -> fn(lp, x, k_layer, v_layer) -> (x, k_layer, v_layer) over every layer."""
+    """x -> fn(lp, x, k_layer, v_layer) -> (x, k_layer, v_layer) over every layer (v_layer is
+    None in the kernel layout)."""
     layers = params["layers"]
     if isinstance(pool.k, tuple):
         if not isinstance(layers, list):
             raise ValueError("a per-layer KV pool needs per-layer params (split_layers)")
         ks, vs = [], []
-        for lp, kl, vl in zip(layers, pool.k, pool.v):
+        for lp, kl, vl in zip(layers, pool.k, (None,) * len(pool.k) if pool.v is None else pool.v):
             x, kl, vl = fn(lp, x, kl, vl)
             ks.append(kl)
             vs.append(vl)
-        return x, KVPool(tuple(ks), tuple(vs))
+        return x, KVPool(tuple(ks), None if pool.v is None else tuple(vs))
     if isinstance(layers, list):
         raise ValueError("a stacked KV pool needs the stacked layer dict (scanned)")
 
     def body(carry, xs):
         x, k, v = carry
         lp, i = xs
-        x, ki, vi = fn(lp, x, k[i], v[i])
-        return (x, k.at[i].set(ki), v.at[i].set(vi)), None
+        x, ki, vi = fn(lp, x, k[i], None if v is None else v[i])
+        return (x, k.at[i].set(ki), None if v is None else v.at[i].set(vi)), None
 
     idx = jnp.arange(jax.tree_util.tree_leaves(layers)[0].shape[0])
     (x, k, v), _ = lax.scan(body, (x, pool.k, pool.v), (layers, idx))
@@ -102,15 +128,13 @@ def prefill_blocks(params, pool: KVPool, tokens, lengths, use_long, blocks, *, c
     regime of the row's *next* token (the cache must be computed in the regime it is read in).
     """
     d, n, t = tokens.shape
-    bs = pool.k[0].shape[-2]  # layer 0 of either layout: [D, NB, nKV, bs, hd]
+    bs = _block_size(pool)
     flat = lambda a: a.reshape((d * n,) + a.shape[2:])  # noqa: E731
     _, k, v = prefill(params, cfg, flat(tokens), jnp.maximum(flat(lengths), 1), flat(use_long))
 
-    def into_blocks(x):  # [L, d*n, T, nKV, hd] -> [L, d, n, T/bs, nKV, bs, hd]
-        x = x.reshape(x.shape[0], d, n, t // bs, bs, x.shape[3], x.shape[4])
-        return jnp.swapaxes(x, 4, 5)
+    def into_blocks(x):  # [L, d*n, T, nKV, hd] -> [L, d, n, T/bs, bs, nKV, hd]
+        return x.reshape(x.shape[0], d, n, t // bs, bs, x.shape[3], x.shape[4])
 
-    kb, vb = into_blocks(k), into_blocks(v)
     put = jax.vmap(lambda p, idx, x: p.at[idx].set(x.astype(p.dtype)))  # over shards
 
     def write(c, x):
@@ -118,6 +142,10 @@ def prefill_blocks(params, pool: KVPool, tokens, lengths, use_long, blocks, *, c
             return tuple(put(ci, blocks, x[i]) for i, ci in enumerate(c))
         return jax.vmap(lambda ci, xi: put(ci, blocks, xi))(c, x)
 
+    if _kernel_layout(pool):  # [L, d, n, T/bs, bs, 2*nKV, hd], K and V interleaved by head
+        kv = jnp.stack([into_blocks(k), into_blocks(v)], axis=-2)
+        return KVPool(write(pool.k, kv.reshape(kv.shape[:-3] + (-1, kv.shape[-1]))), None)
+    kb, vb = (jnp.swapaxes(into_blocks(x), 4, 5) for x in (k, v))  # [.., T/bs, nKV, bs, hd]
     return KVPool(write(pool.k, kb), write(pool.v, vb))
 
 
@@ -130,7 +158,7 @@ def copy_blocks(pool: KVPool, src, dst) -> KVPool:
         return tuple(cp(ci, src, dst) for ci in c) if isinstance(c, tuple) else jax.vmap(
             lambda ci: cp(ci, src, dst))(c)
 
-    return KVPool(each(pool.k), each(pool.v))
+    return KVPool(each(pool.k), None if pool.v is None else each(pool.v))
 
 
 # -- decode --------------------------------------------------------------------------------------
@@ -140,11 +168,25 @@ def paged_attention(q, k_pool, v_pool, table, positions):
     q [D, R, nH, hd]; k_pool, v_pool [D, NB, nKV, bs, hd]; table [D, R, W] block ids; positions
     [D, R]: row r sees positions 0..positions[d, r]. Returns [D, R, nH, hd].
     """
-    d, r, nh, hd = q.shape
-    n_kv, bs = k_pool.shape[2], k_pool.shape[3]
-    w = table.shape[2]
     gather = jax.vmap(lambda p, t: p[t])  # [D, R, W, nKV, bs, hd], batched over shards
-    kg, vg = gather(k_pool, table), gather(v_pool, table)
+    return _attend(q, gather(k_pool, table), gather(v_pool, table), positions)
+
+
+def paged_attention_kernel_pages(q, kv_pool, table, positions):
+    """`paged_attention` over a kernel-layout pool kv [D, NB, bs, 2*nKV, hd]: JAX's ragged paged
+    attention kernel on TPU (`paged_tpu.use_kernel`), else the same XLA gather path."""
+    nh, hd, n_kv = q.shape[2], q.shape[3], kv_pool.shape[3] // 2
+    if paged_tpu.use_kernel(nh, n_kv, hd, q.dtype, kv_pool.dtype):
+        return paged_tpu.decode_attention(q, kv_pool, table, positions)
+    kvg = jax.vmap(lambda p, t: p[t])(kv_pool, table)  # [D, R, W, bs, 2*nKV, hd]
+    kg, vg = (jnp.swapaxes(kvg[..., i::2, :], -3, -2) for i in (0, 1))  # [D, R, W, nKV, bs, hd]
+    return _attend(q, kg, vg, positions)
+
+
+def _attend(q, kg, vg, positions):
+    """q [D, R, nH, hd] over gathered blocks kg, vg [D, R, W, nKV, bs, hd]."""
+    d, r, nh, hd = q.shape
+    w, n_kv, bs = kg.shape[2], kg.shape[3], kg.shape[4]
     qg = q.reshape(d, r, n_kv, nh // n_kv, hd)
     scores = jnp.einsum("drkgh,drwksh->drkgws", qg, kg.astype(q.dtype),
                         preferred_element_type=jnp.float32) * (hd ** -0.5)
@@ -162,7 +204,7 @@ def paged_decode_step(params, cfg: ModelConfig, pool: KVPool, tokens, positions,
     """One token per row: tokens, positions [D, R]; the new key/value goes to position
     positions[d, r] of the row's blocks. Returns (logits [D, R, V] float32, pool)."""
     d, r = tokens.shape
-    bs = pool.k[0].shape[-2]  # layer 0 of either layout: [D, NB, nKV, bs, hd]
+    bs = _block_size(pool)
     flat_pos = positions.reshape(d * r, 1).astype(jnp.int32)
     use_long = flat_pos[:, 0] + 1 > cfg.original_max_position_embeddings
     cos, sin = rope_tables(cfg, flat_pos, use_long=_use_long(cfg, use_long))
@@ -170,12 +212,19 @@ def paged_decode_step(params, cfg: ModelConfig, pool: KVPool, tokens, positions,
     block = jnp.take_along_axis(table, (positions // bs)[..., None], axis=2)[..., 0]  # [D, R]
     offset = positions % bs
     put = jax.vmap(lambda p, b, o, val: p.at[b, :, o].set(val.astype(p.dtype)))  # over shards
+    put_page = jax.vmap(lambda p, b, o, val: p.at[b, o].set(val.astype(p.dtype)))
 
     def layer(lp, x, kl, vl):
         q, k, v = attention_inputs(lp, x, cfg, cos, sin)
+        q = q.reshape(d, r, *q.shape[2:])
+        if vl is None:  # kernel layout: one write of the interleaved [2*nKV, hd] per row
+            kv = jnp.stack([k, v], axis=-2).reshape(d, r, -1, k.shape[-1])
+            kl = put_page(kl, block, offset, kv)
+            attn = paged_attention_kernel_pages(q, kl, table, positions)
+            return layer_output(lp, x, attn.reshape(d * r, 1, *attn.shape[2:]), cfg), kl, vl
         kl = put(kl, block, offset, k.reshape(d, r, *k.shape[2:]))
         vl = put(vl, block, offset, v.reshape(d, r, *v.shape[2:]))
-        attn = paged_attention(q.reshape(d, r, *q.shape[2:]), kl, vl, table, positions)
+        attn = paged_attention(q, kl, vl, table, positions)
         return layer_output(lp, x, attn.reshape(d * r, 1, *attn.shape[2:]), cfg), kl, vl
 
     x, pool = _over_layers(params, pool, x, layer)
