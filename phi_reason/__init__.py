@@ -17,7 +17,7 @@ _LAZY = {
     "load_pretrained": "phi_reason.checkpoint",
     "save_pretrained": "phi_reason.checkpoint",
     "CheckpointError": "phi_reason.checkpoint",
-    "generate": "phi_reason.engine.sampler",
+    "generate": "phi_reason.engine.paged_sampler",
     "GenerateOutput": "phi_reason.engine.sampler",
     "load_tokenizer": "phi_reason.data.tokenizer",
     "CharTokenizer": "phi_reason.data.tokenizer",

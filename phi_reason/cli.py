@@ -97,8 +97,23 @@ def _add_generate(sub):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-slots", type=int, default=8, help="continuous-batching slots")
+    _add_engine_flags(p)
     p.set_defaults(fn=lambda a: _call("phi_reason.jobs.generate:main", **_kw(a)))
+
+
+def _add_engine_flags(p):
+    """Sampling-engine flags shared by `generate` and `eval`."""
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="weights, compute and KV cache dtype (default: the checkpoint's stored "
+                   "dtype, bf16 for the released Phi-4 models)")
+    p.add_argument("--mesh", default=None,
+                   help="device mesh, e.g. data=8 or data=4,tensor=2 (default: every device of "
+                   "the job, rows split over them; one device on CPU)")
+    p.add_argument("--max-rows", type=int, default=None,
+                   help="most rows decoded at once (default: what the KV pool can admit, at "
+                   "most 256; the pool is half the free accelerator memory)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (rows done, tokens/s, ETA)")
 
 
 # ---------------------------------------------------------------- training (issues 7, 8)
@@ -136,6 +151,7 @@ def _add_eval(sub):
     p.add_argument("--tokenizer", default=None, help="tokenizer dir (default: the model dir)")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--seed", type=int, default=0)
+    _add_engine_flags(p)
     p.set_defaults(fn=lambda a: _call("phi_reason.jobs.eval:main", **_kw(a)))
 
     g = sub.add_parser("grade", help="grade predictions against gold answers (sandboxed)")

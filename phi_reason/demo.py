@@ -133,17 +133,14 @@ class Evaluator:
     def __call__(self, model_dir: Path) -> dict:
         from .checkpoint import load_pretrained
         from .data.chat import stop_ids
-        from .data.tokenizer import completion_text
-        from .engine.sampler import generate
-        from .jobs.rl_loop import submit_grading
+        from .jobs.completions import grade, sample
 
         cfg, params = load_pretrained(str(model_dir))
         stops = stop_ids("plain", self.tok)
-        out = generate(params, cfg, [p.ids for p in self.prompts],
-                       max_new_tokens=self.max_new_tokens, stop_tokens=stops)
-        texts = [completion_text(self.tok, t, stops) for t in out.tokens]
-        correct = submit_grading(self.pool, [(t, p.answer) for t, p in zip(texts, self.prompts)],
-                                 "eval")()
+        out = sample(params, cfg, self.tok, [p.ids for p in self.prompts], stops,
+                     self.max_new_tokens)
+        texts = out.texts
+        correct = grade(self.pool, texts, [p.answer for p in self.prompts], "eval")
         return {"accuracy": sum(correct) / len(correct),
                 "mean_response_tokens": sum(map(len, out.tokens)) / len(out.tokens),
                 "sample": {"problem": self.prompts[0].text, "response": texts[0]}}

@@ -139,18 +139,19 @@ def test_eval_cli_wiring(tmp_path, monkeypatch):
     seen = {}
 
     def fake_model_generate_fn(model, tokenizer, chat_format, temperature, top_p, max_new_tokens,
-                               seed, mesh):
+                               seed, mesh, dtype, max_rows, progress):
         seen.update(model=model, temperature=temperature, top_p=top_p, seed=seed,
-                    max_new_tokens=max_new_tokens)
+                    max_new_tokens=max_new_tokens, dtype=dtype, max_rows=max_rows)
         return fake_generate, "phi-4-reasoning"
 
     monkeypatch.setattr(eval_job, "model_generate_fn", fake_model_generate_fn)
     rc = cli.main(["eval", "--model", "/ckpt/phi-4-reasoning", "--benchmark", "math500",
                    "--data", str(data), "--out", str(tmp_path / "out"), "--samples", "3",
-                   "--limit", "2", "--max-new-tokens", "64"])
+                   "--limit", "2", "--max-new-tokens", "64", "--dtype", "bfloat16",
+                   "--max-rows", "4"])
     assert rc == 0
     assert seen == {"model": "/ckpt/phi-4-reasoning", "temperature": 0.8, "top_p": 0.95, "seed": 0,
-                    "max_new_tokens": 64}
+                    "max_new_tokens": 64, "dtype": "bfloat16", "max_rows": 4}
     lines = (tmp_path / "out" / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 6  # --limit 2 problems x 3 samples
     assert "| temperature | 0.8 |" in (tmp_path / "out" / "report.md").read_text()
@@ -190,7 +191,7 @@ def test_model_generate_fn_wiring(monkeypatch):
     """The checkpoint path with the sampler and checkpoint loader faked (a real run needs a model):
     prompts are the chat-format renderings repeated K times, stop tokens are passed and stripped
     from the text but counted in num_tokens, and sampling settings reach the sampler."""
-    import phi_reason.checkpoint as checkpoint
+    import phi_reason.engine.paged_sampler as paged_sampler
     import phi_reason.engine.sampler as sampler
     from phi_reason.data.chat import render_prompt, stop_ids
     from phi_reason.data.tokenizer import load_tokenizer
@@ -207,17 +208,20 @@ def test_model_generate_fn_wiring(monkeypatch):
                                       logprobs=[[] for _ in prompts],
                                       finish_reasons=["stop", "length"] * (len(prompts) // 2))
 
-    monkeypatch.setattr(checkpoint, "detect_format", lambda path: "hf")
-    monkeypatch.setattr(checkpoint, "load_pretrained", lambda path, mesh=None: ("cfg", "params"))
-    monkeypatch.setattr(sampler, "generate", fake_generate)
+    loaded = {}
+    monkeypatch.setattr(eval_job, "load_inference_model",
+                        lambda path, dtype, mesh: loaded.update(dtype=dtype) or ("cfg", "params"))
+    monkeypatch.setattr(paged_sampler, "generate_paged", fake_generate)
     fn, fmt = eval_job.model_generate_fn("/ckpt/x", tokenizer="char", chat_format="plain",
-                                         temperature=0.8, top_p=0.95, max_new_tokens=16, seed=5)
+                                         temperature=0.8, top_p=0.95, max_new_tokens=16, seed=5,
+                                         dtype="bfloat16", max_rows=3)
     out = fn(["1+1?", "1+2?"], 2)
     assert fmt == "plain"
     expected_prompts = [render_prompt(q, tok, "plain") for q in ("1+1?", "1+2?") for _ in range(2)]
     assert calls["prompts"] == expected_prompts
     assert (calls["temperature"], calls["top_p"], calls["seed"], calls["max_new_tokens"]) == (
         0.8, 0.95, 5, 16)
+    assert calls["num_slots"] == 3 and loaded["dtype"] == "bfloat16"
     assert tuple(calls["stop_tokens"]) == stops
     assert out[0] == {"text": "\\boxed{2}", "num_tokens": len("\\boxed{2}") + 2,
                       "finish_reason": "stop"}

@@ -52,7 +52,7 @@ def test_prompts_file_to_jsonl(model_dir, tmp_path):
     texts = ["1+1=", "what is 3*4?", "x"]
     src.write_text("".join(json.dumps({"prompt": t, "id": i}) + "\n" for i, t in enumerate(texts)))
     assert cli.main(["generate", "--model", path, "--prompts", str(src), "--output", str(dst),
-                     "--batch-slots", "2", *ARGS]) == 0
+                     "--max-rows", "2", *ARGS]) == 0
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
     tok, out = expected(params, texts, 2)
     assert [r["id"] for r in rows] == [0, 1, 2]

@@ -191,10 +191,10 @@ def test_rl_stopped_inside_a_step_resumes_exactly(task, uninterrupted, tmp_path,
     second chunk) or between its two minibatch updates: the run saves and exits at the next safe
     point, without finishing the step; --resume ends where the uninterrupted run ends, bitwise.
     The interrupted run only checkpoints when stopped (save_every 100)."""
-    from phi_reason.engine import sampler
+    from phi_reason.engine import paged_sampler
 
     calls = {"decode": 0, "update": 0}
-    decode = sampler._decode
+    decode = paged_sampler.decode_chunk
 
     def decode_then_signal(*args, **kw):
         calls["decode"] += 1
@@ -220,7 +220,7 @@ def test_rl_stopped_inside_a_step_resumes_exactly(task, uninterrupted, tmp_path,
 
         loop.pg_step = update_then_signal
 
-    monkeypatch.setattr(sampler, "_decode", decode_then_signal)
+    monkeypatch.setattr(paged_sampler, "decode_chunk", decode_then_signal)
     part = _run(task, tmp_path, "stopped", "rl.safe_point_tokens=4", hooks=[arm])
     assert part.steps == 2 and not (part.out / "final").exists()
     assert [r["step"] for r in _records(part)] == [1, 2]  # step 3 was never completed
@@ -228,7 +228,7 @@ def test_rl_stopped_inside_a_step_resumes_exactly(task, uninterrupted, tmp_path,
     assert saved == ("2" if where == "rollout" else "3")  # update: partial step 3
     if where == "update":
         assert calls["update"] == 1  # the second minibatch never ran
-    monkeypatch.setattr(sampler, "_decode", decode)
+    monkeypatch.setattr(paged_sampler, "decode_chunk", decode)
     resumed = _run(task, tmp_path, "stopped", "rl.safe_point_tokens=4", resume=True)
     assert resumed.steps == 4 and (resumed.out / "final").is_dir()
     _assert_same_run(uninterrupted, resumed)

@@ -41,6 +41,7 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler, blocks_for_memory, kv_bytes_per_block
 
 NO_PAUSE = np.iinfo(np.int32).max
+MAX_ROWS = 256  # default cap on rows decoded at once (vLLM's max_num_seqs)
 CPU_KV_BYTES = 2 << 30  # default KV pool budget per device on CPU (host RAM is shared)
 ACCEL_KV_FRACTION = 0.5  # of the memory a device reports free, when no budget is given
 
@@ -61,15 +62,26 @@ def kv_budget_bytes(device=None) -> int:
     return int((stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * ACCEL_KV_FRACTION)
 
 
-def _pool_blocks(cfg, rows, max_limit, block_size, dtype, budget) -> int:
-    """Blocks per shard: enough for every row at its full length (no preemption), rounded up to a
-    power of two, or what the budget holds, but at least one row at full length plus scratch."""
+def pool_plan(cfg, rows: int, shards: int, max_limit: int, prompt_tokens: int, block_size: int,
+              chunk: int, dtype, budget: int, num_slots: Optional[int] = None,
+              kv_blocks: Optional[int] = None):
+    """(rows per shard, blocks per shard) of a call: the engine's sizing, shared with the planner.
+
+    Blocks: enough for every row at its full length (no preemption), rounded up to a power of
+    two (calls of similar sizes share compiles), or what `budget` bytes per device hold, but at
+    least one row at full length plus scratch (or `kv_blocks`). Rows: `num_slots` if given, else
+    every row up to MAX_ROWS, no more than the pool can start at once (each with its prompt and
+    one chunk)."""
+    rows = -(-int(num_slots or min(rows, MAX_ROWS)) // shards)
     per_row = -(-(max_limit - 1) // block_size)
-    want = _pow2(rows * per_row + 1)  # a power of two: calls of similar sizes share compiles
+    want = _pow2(rows * per_row + 1)
     per_block = kv_bytes_per_block(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                    block_size, jnp.dtype(dtype).itemsize)
-    fits = blocks_for_memory(budget, per_block)
-    return max(min(want, fits), per_row + 2)
+    blocks = kv_blocks or max(min(want, blocks_for_memory(budget, per_block)), per_row + 2)
+    if num_slots is None:
+        start = -(-(prompt_tokens + chunk) // block_size)
+        rows = max(1, min(rows, (blocks - 1) // start))
+    return rows, blocks
 
 
 DECODE_RULES = {"embed": None}  # decode layout: weights replicated over data/fsdp, TP over tensor
@@ -94,6 +106,11 @@ def inference_params(params, cfg: ModelConfig, mesh=None):
     shardings = param_shardings(cfg, mesh, DECODE_RULES)
     if isinstance(params["layers"], list):
         raise ValueError("inference_params wants the stacked layer dict (before split_layers)")
+    ready = jax.tree_util.tree_map(
+        lambda w, s: (w.dtype == dt or not jnp.issubdtype(w.dtype, jnp.floating))
+        and w.sharding.is_equivalent_to(s, w.ndim), params, shardings)
+    if all(jax.tree_util.tree_leaves(ready)):  # loaded for decoding already: no copy
+        return params
     return jax.jit(cast, out_shardings=shardings)(params)
 
 
@@ -107,16 +124,20 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                    interrupt: Optional[Callable[[], bool]] = None, interrupt_every: int = 256,
                    *, block_size: int = 16, kv_blocks: Optional[int] = None,
                    kv_bytes: Optional[int] = None, chunk_steps: int = 32,
-                   share_prefix: bool = True, kv_dtype=None) -> GenerateOutput:
+                   share_prefix: bool = True, kv_dtype=None,
+                   on_progress: Optional[Callable[[dict], None]] = None) -> GenerateOutput:
     """`sampler.generate` over a paged KV cache (see its arguments), plus:
 
-    num_slots: the most rows decoded at once (default min(len(prompts), 64)).
+    num_slots: the most rows decoded at once (default: every row up to MAX_ROWS, no more than
+      the pool can start at once; see `pool_plan`).
     block_size: tokens per KV block. kv_blocks: blocks per shard (scratch included); default:
       every row at full length, capped by kv_bytes (default `kv_budget_bytes()` per device).
       A smaller pool admits fewer rows at a time and preempts (recomputes) when it runs out.
     chunk_steps: decode steps per device loop (blocks are reserved a chunk ahead).
     share_prefix: identical prompts share their prefilled blocks.
     kv_dtype: the cache's dtype (default the compute dtype, cfg.dtype).
+    on_progress: called after every device chunk with {"rows_done", "rows", "tokens"} (finished
+      rows, all rows, tokens generated so far).
     The result's `stats` counts prefill tokens, forks, preemptions, restarts and peak blocks.
     """
     prompts, budgets = check_requests(cfg, prompts, max_new_tokens)
@@ -132,16 +153,16 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     if mesh is not None:
         shards = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)] or [1]))
     params = inference_params(params, cfg, mesh)
-    rows = -(-int(num_slots or min(n, 64)) // shards)  # per shard
     if unroll_layers is None:
         unroll_layers = jax.default_backend() == "cpu" or not cfg.scan_layers
     if unroll_layers and not isinstance(params["layers"], list):
         params = split_layers_jit(params)
     kv_dtype = jnp.dtype(kv_dtype or cfg.dtype)
     chunk = int(chunk_steps)
-    if kv_blocks is None:
-        budget = kv_bytes if kv_bytes is not None else kv_budget_bytes()
-        kv_blocks = _pool_blocks(cfg, rows, max(limits), block_size, kv_dtype, budget)
+    budget = kv_bytes if kv_bytes is not None else kv_budget_bytes()
+    typical_prompt = int(np.median([len(p) for p in prompts]))
+    rows, kv_blocks = pool_plan(cfg, n, shards, max(limits), typical_prompt, block_size, chunk,
+                                kv_dtype, budget, num_slots, kv_blocks)
     make_pool = functools.partial(init_pool, cfg, shards, int(kv_blocks), block_size, kv_dtype,
                                   per_layer=unroll_layers)
     if mesh is None:
@@ -208,6 +229,9 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                 if gen > emitted[sid]:
                     on_tokens(sid, history[sid][len(prompts[sid]) + emitted[sid]:][:gen])
                     emitted[sid] = gen
+        if on_progress is not None:
+            on_progress({"rows_done": sum(x is not None for x in reasons), "rows": n,
+                         "tokens": counts["decode_tokens"]})
     stats = dict(sched.stats, **counts, num_blocks=int(kv_blocks), block_size=block_size,
                  peak_used_blocks=max(p.peak_used for p in sched.pools))
     return GenerateOutput([h[len(p):] for h, p in zip(history, prompts)], out_lp, reasons, stats)
@@ -291,3 +315,6 @@ def _pool_sharding(mesh, cfg: ModelConfig, per_layer: bool):
         return KVPool(layer, layer)
     one = NamedSharding(mesh, P(None, b, None, heads, None, None))
     return KVPool(one, one)
+
+
+generate = generate_paged  # the public `phi_reason.generate` (the static sampler is the reference)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +27,31 @@ def build_mesh(run: RunConfig):
     return mesh_from_config(run.mesh)
 
 
-def job_mesh():
-    """For commands without a run config (eval, generate): one device when this is the only
-    process, else a mesh over every device of the job (`fsdp` over all of them), so N processes
-    run one program on one global mesh."""
-    from ..config import MeshSection
-    from ..sharding.mesh import initialize_distributed, mesh_from_config
+def job_mesh(spec: Optional[str] = None):
+    """For commands without a run config (eval, generate): the mesh `spec` names ('data=4,tensor=2';
+    unnamed axes 1, `fsdp` the rest), else every device of the job when there are several
+    processes or accelerators (`fsdp` over all: decoding shards rows over it), else one device."""
+    from ..sharding.mesh import initialize_distributed, mesh_from_config, parse_mesh
     initialize_distributed()
-    return mesh_from_config(MeshSection(enabled=True)) if processes.process_count() > 1 else None
+    if spec:
+        return mesh_from_config(parse_mesh(spec))
+    if processes.process_count() > 1 or (jax.default_backend() != "cpu"
+                                         and jax.device_count() > 1):
+        return mesh_from_config({})
+    return None
+
+
+def load_inference_model(model, dtype: str = "auto", mesh=None):
+    """(cfg, params) of a checkpoint for sampling: weights and compute in `dtype` ('auto': the
+    stored dtype, bf16 for the released Phi-4 checkpoints), loaded straight into the decode
+    layout on a mesh (replicated over the batch axes, split over `tensor`)."""
+    from ..checkpoint import detect_format, load_pretrained
+    from ..engine.paged_sampler import DECODE_RULES
+
+    detect_format(model)  # a missing or unreadable --model is named before anything loads
+    cfg, params = load_pretrained(model, dtype=None if dtype == "auto" else dtype, mesh=mesh,
+                                  rules=DECODE_RULES if mesh is not None else None)
+    return cfg.replace(dtype=cfg.param_dtype), params
 
 
 RUNTIME_FIELDS = ("param_dtype", "dtype", "remat", "attention", "scan_layers", "attention_chunk")

@@ -15,7 +15,8 @@ from ..data.tokenizer import completion_text
 from ..errors import UsageError
 from ..files import atomic_write_text, iter_jsonl
 from ..sharding import processes
-from .build import job_mesh
+from .build import job_mesh, load_inference_model
+from .completions import ProgressBar, sample
 
 NO_CHAT = (None, "", "none")
 
@@ -90,18 +91,16 @@ class _Streamer:
 
 
 def main(model, prompt=None, prompts=None, output=None, chat_format=None, tokenizer=None,
-         max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=0, batch_slots=8) -> int:
-    from ..checkpoint import detect_format, load_pretrained
+         max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=0, max_rows=None,
+         dtype="auto", mesh=None, progress=True) -> int:
     from ..data.tokenizer import load_tokenizer
-    from ..engine.sampler import generate
 
     if (prompt is None) == (prompts is None):
         raise GenerateInputError("give exactly one of --prompt and --prompts")
-    detect_format(model)  # a missing or unreadable --model is named before anything loads
     records = [{"prompt": prompt}] if prompt is not None else read_prompt_file(prompts)
+    mesh = job_mesh(mesh)
+    cfg, params = load_inference_model(model, dtype, mesh)
     tok = load_tokenizer(tokenizer or model)
-    mesh = job_mesh()
-    cfg, params = load_pretrained(model, mesh=mesh)
     lead = processes.is_lead()  # under several processes sampling is collective, output once
     ids = []
     for i, rec in enumerate(records):
@@ -110,26 +109,26 @@ def main(model, prompt=None, prompts=None, output=None, chat_format=None, tokeni
         except GenerateInputError as e:
             raise GenerateInputError(f"{prompts}: record {i + 1}: {e}") from None
     stops = stop_tokens(cfg, tok, chat_format)
-    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-              stop_tokens=stops, seed=seed, num_slots=max(1, min(batch_slots, len(ids))),
+    kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, num_slots=max_rows,
               mesh=mesh)
-    if not lead:
-        generate(params, cfg, ids, **kw)
-        return 0
     if prompt is not None:
-        streamer = _Streamer(tok, stops, sys.stdout)
-        out = generate(params, cfg, ids, on_tokens=streamer, **kw)
-        streamer.finish()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-        print(f"[{out.finish_reasons[0]}: {len(out.tokens[0])} tokens]", file=sys.stderr)
+        streamer = _Streamer(tok, stops, sys.stdout) if lead else None
+        out = sample(params, cfg, tok, ids, stops, max_new_tokens, on_tokens=streamer, **kw)
+        if lead:
+            streamer.finish()
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            print(f"[{out.finish_reasons[0]}: {len(out.tokens[0])} tokens]", file=sys.stderr)
         return 0
-    out = generate(params, cfg, ids, **kw)
+    with ProgressBar("generate", progress and lead and output is not None) as bar:
+        out = sample(params, cfg, tok, ids, stops, max_new_tokens, on_progress=bar, **kw)
+    if not lead:
+        return 0
     lines = []
-    for rec, toks, lps, reason in zip(records, out.tokens, out.logprobs, out.finish_reasons):
-        result = dict(rec, completion=completion_text(tok, toks, stops),
-                      finish_reason=reason, num_tokens=len(toks), token_ids=toks,
-                      logprob=float(sum(lps)))
+    for rec, text, toks, lps, reason in zip(records, out.texts, out.tokens, out.logprobs,
+                                            out.finish_reasons):
+        result = dict(rec, completion=text, finish_reason=reason, num_tokens=len(toks),
+                      token_ids=toks, logprob=float(sum(lps)))
         lines.append(json.dumps(result, ensure_ascii=False) + "\n")
     if output:
         atomic_write_text(output, "".join(lines))

@@ -53,8 +53,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from ..data.tokenizer import completion_text
-from ..engine.sampler import GenerationInterrupted, generate
+from ..engine.sampler import GenerationInterrupted
 from ..train.advantages import (
     GroupBuffer,
     compute_advantages,
@@ -73,6 +72,7 @@ from ..train.rollouts import Group, Prompt, build_pg_batch, pad_length, score_gr
 from ..train.state import TrainState
 from ..train.steps import make_pg_step
 from .build import place_global_batch
+from .completions import grade, sample, submit_grading
 from .prompts import PromptIterator
 from .rl_config import RLRunConfig
 from .rl_pending import PendingUpdate, training_rows
@@ -90,23 +90,15 @@ def _cached(key, build):
     return _COMPILED[key]
 
 
-def submit_grading(grader, pairs, mode: str) -> Callable[[], list]:
-    """Queue (prediction, gold) pairs in the grader's worker pool now; the returned callable
-    waits for the verdicts (list of bool). The caller does device work in between."""
-    futures = [grader.submit(prediction, gold, mode) for prediction, gold in pairs]
-    return lambda: [f.result().correct for f in futures]
-
-
 def evaluate_policy(params, cfg, tokenizer, prompts: Sequence[Prompt], stop_ids, grader, *,
                     max_new_tokens: int, samples: int = 1, temperature: float = 0.0,
                     seed: int = 12345, mode: str = "eval", num_slots=None, mesh=None) -> dict:
     """Accuracy of `samples` completions per prompt (greedy by default), graded in `mode`."""
-    out = generate(params, cfg, [p.ids for p in prompts for _ in range(samples)],
-                   max_new_tokens=max_new_tokens, temperature=temperature,
-                   stop_tokens=tuple(stop_ids), seed=seed, num_slots=num_slots, mesh=mesh)
-    texts = [completion_text(tokenizer, t, stop_ids) for t in out.tokens]
-    answers = [p.answer for p in prompts for _ in range(samples)]
-    correct = np.asarray(submit_grading(grader, list(zip(texts, answers)), mode)())
+    out = sample(params, cfg, tokenizer, [p.ids for p in prompts for _ in range(samples)],
+                 stop_ids, max_new_tokens, temperature=temperature, seed=seed,
+                 num_slots=num_slots, mesh=mesh)
+    correct = np.asarray(grade(grader, out.texts, [p.answer for p in prompts
+                                                   for _ in range(samples)], mode))
     return {"eval/accuracy": float(correct.mean()),
             "eval/truncated": float(np.mean([r == "length" for r in out.finish_reasons]))}
 
@@ -161,15 +153,12 @@ class RLLoop:
         params = self.state.params
         if self.rl.fold_temperature and temperature not in (0.0, 1.0):
             params, temperature = fold_temperature(params, temperature), 1.0
-        return generate(params, self.model_cfg, rows,
-                        max_new_tokens=max_new_tokens or self.rl.max_new_tokens,
-                        temperature=temperature, top_p=self.rl.top_p if temperature else 1.0,
-                        top_k=self.rl.top_k if temperature else 0, stop_tokens=self.stop_ids,
-                        seed=seed, num_slots=self.num_slots, mesh=self.mesh,
-                        interrupt=self.interrupt, interrupt_every=self.rl.safe_point_tokens)
-
-    def decode(self, tokens) -> list:
-        return [completion_text(self.tokenizer, t, self.stop_ids) for t in tokens]
+        return sample(params, self.model_cfg, self.tokenizer, rows, self.stop_ids,
+                      max_new_tokens or self.rl.max_new_tokens, temperature=temperature,
+                      top_p=self.rl.top_p if temperature else 1.0,
+                      top_k=self.rl.top_k if temperature else 0, seed=seed,
+                      num_slots=self.num_slots, mesh=self.mesh, interrupt=self.interrupt,
+                      interrupt_every=self.rl.safe_point_tokens)
 
     def logprob_temperature(self, temperature: float) -> float:
         """The temperature of the policy-gradient log-probs of rows sampled at `temperature`."""
@@ -201,7 +190,7 @@ class RLLoop:
         g = self.rl.group_size
         with self.timer("sample"):
             out = self.sample(prompts, temperature, seed, g)
-        texts = self.decode(out.tokens)
+        texts = out.texts
         answers = [p.answer for p in prompts for _ in range(g)]
         pending = submit_grading(self.grader, list(zip(texts, answers)), "reward")
         prompt_rows = [p.ids for p in prompts for _ in range(g)]

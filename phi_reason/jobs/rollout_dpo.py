@@ -128,12 +128,11 @@ def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=No
     """Sample, grade and write pairs; returns counts. `model` = (ModelConfig, params) and `prompts`
     (lists of `Prompt` with .messages) override what the config would load."""
     from ..data.chat import stop_ids as format_stop_ids
-    from ..data.tokenizer import completion_text, load_tokenizer
-    from ..engine.sampler import generate
+    from ..data.tokenizer import load_tokenizer
     from ..eval.pool import GraderPool
     from .build import build_mesh, build_model, publish_config, say
+    from .completions import grade, sample
     from .prompts import load_prompts
-    from .rl_loop import submit_grading
 
     run.validate()
     r = run.rollout
@@ -158,14 +157,12 @@ def rollout_dpo(run: RolloutDPOConfig, *, model=None, tokenizer=None, prompts=No
     with GraderPool(r.grader_workers, r.grader_timeout) as pool:
         for c0 in range(start, len(prompts), r.prompts_per_chunk):
             chunk = prompts[c0:c0 + r.prompts_per_chunk]
-            gen = generate(params, cfg, [p.ids for p in chunk for _ in range(k)],
-                           max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                           top_p=r.top_p, top_k=r.top_k, stop_tokens=stops,
-                           seed=r.seed * 1_000_003 + c0, num_slots=r.num_slots, mesh=mesh)
-            texts = [completion_text(tok, t, stops) for t in gen.tokens]
-            correct = submit_grading(pool, [(t, p.answer) for p, t in
-                                            zip([p for p in chunk for _ in range(k)], texts)],
-                                     "reward")()
+            gen = sample(params, cfg, tok, [p.ids for p in chunk for _ in range(k)], stops,
+                         r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                         top_k=r.top_k, seed=r.seed * 1_000_003 + c0, num_slots=r.num_slots,
+                         mesh=mesh)
+            texts = gen.texts
+            correct = grade(pool, texts, [p.answer for p in chunk for _ in range(k)], "reward")
             finished = [f == "stop" for f in gen.finish_reasons]
             lines = []
             for i, p in enumerate(chunk):
