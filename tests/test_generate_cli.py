@@ -63,6 +63,29 @@ def test_prompts_file_to_jsonl(model_dir, tmp_path):
         assert r["completion"] == tok.decode([t for t in toks if t not in tok.eos_ids])
 
 
+def test_dtype_flag_samples_with_bf16_weights_and_compute(model_dir, tmp_path):
+    """The checkpoint is float32; --dtype bfloat16 loads its weights as bf16 and computes (and
+    caches keys/values) in bf16: the same tokens as the engine called on those weights."""
+    from phi_reason.engine.paged_sampler import generate_paged
+
+    path, params = model_dir
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    texts = ["1+1=", "what is 3*4?"]
+    src.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    assert cli.main(["generate", "--model", path, "--prompts", str(src), "--output", str(dst),
+                     "--dtype", "bfloat16", *ARGS]) == 0
+    rows = [json.loads(line) for line in dst.read_text().splitlines()]
+    tok = load_tokenizer("char")
+    bf16 = jax.tree_util.tree_map(lambda w: w.astype("bfloat16"), params)
+    cfg = CFG.replace(dtype="bfloat16", param_dtype="bfloat16")
+    out = generate_paged(bf16, cfg, [tok.encode(t) for t in texts], 12, temperature=0.7, seed=4,
+                         stop_tokens=tok.eos_ids)
+    assert out.stats["layout"] == "split" and [r["token_ids"] for r in rows] == out.tokens
+    assert [r["logprob"] for r in rows] == pytest.approx([sum(x) for x in out.logprobs], abs=1e-4)
+    fp32 = [sum(x) for x in expected(params, texts, 2)[1].logprobs]
+    assert all(abs(r["logprob"] - f) > 1e-3 for r, f in zip(rows, fp32))  # not the fp32 model
+
+
 @pytest.mark.parametrize("content,match", [
     ('{"prompt": "ok"}\n{"prompt": 3}\n', r"in.jsonl:2: needs a 'prompt' string"),
     ('{"prompt": "ok"}\nnot json\n', r"in.jsonl:2: invalid JSON"),

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..model.config import ModelConfig
 from .paged import copy_blocks, decode_chunk, init_pool, prefill_blocks
+from .paged_tpu import use_kernel
 from .sampler import (
     GenerateOutput,
     GenerationInterrupted,
@@ -138,7 +139,8 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     kv_dtype: the cache's dtype (default the compute dtype, cfg.dtype).
     on_progress: called after every device chunk with {"rows_done", "rows", "tokens"} (finished
       rows, all rows, tokens generated so far).
-    The result's `stats` counts prefill tokens, forks, preemptions, restarts and peak blocks.
+    The result's `stats` counts prefill tokens, forks, preemptions, restarts and peak blocks, and
+    gives the pool (blocks per shard, block size, layout) and rows per shard.
     """
     prompts, budgets = check_requests(cfg, prompts, max_new_tokens)
     n = len(prompts)
@@ -163,8 +165,13 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     typical_prompt = int(np.median([len(p) for p in prompts]))
     rows, kv_blocks = pool_plan(cfg, n, shards, max(limits), typical_prompt, block_size, chunk,
                                 kv_dtype, budget, num_slots, kv_blocks)
+    # The TPU kernel reads its own page layout in place; it runs unpartitioned, so only on one
+    # device (a mesh keeps the split layout and the XLA path, see docs/paged_kernels.md).
+    layout = "kernel" if mesh is None and use_kernel(
+        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.dtype,
+        kv_dtype) else "split"
     make_pool = functools.partial(init_pool, cfg, shards, int(kv_blocks), block_size, kv_dtype,
-                                  per_layer=unroll_layers)
+                                  per_layer=unroll_layers, layout=layout)
     if mesh is None:
         pool = make_pool()
     else:  # created in place, shard by shard (no full copy on one device first)
@@ -233,7 +240,7 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
             on_progress({"rows_done": sum(x is not None for x in reasons), "rows": n,
                          "tokens": counts["decode_tokens"]})
     stats = dict(sched.stats, **counts, num_blocks=int(kv_blocks), block_size=block_size,
-                 peak_used_blocks=max(p.peak_used for p in sched.pools))
+                 rows=rows, layout=layout, peak_used_blocks=max(p.peak_used for p in sched.pools))
     return GenerateOutput([h[len(p):] for h, p in zip(history, prompts)], out_lp, reasons, stats)
 
 

@@ -48,10 +48,12 @@ def grade(grader, texts: Sequence[str], answers: Sequence[str], mode: str) -> li
 
 class ProgressBar:
     """The engine's `on_progress` callback as a tqdm bar over rows (rows done, ETA) with output
-    tokens/s since the first update; draws nothing when not enabled. A context manager."""
+    tokens/s of wall time since it was made (compiles included); draws nothing when not enabled.
+    A context manager."""
 
     def __init__(self, desc: str, enabled: bool = True):
-        self.desc, self.enabled, self.bar, self.t0 = desc, enabled, None, None
+        self.desc, self.enabled, self.bar = desc, enabled, None
+        self.t0 = time.perf_counter()
 
     def __call__(self, progress: dict) -> None:
         from tqdm import tqdm
@@ -61,7 +63,6 @@ class ProgressBar:
         if self.bar is None:
             self.bar = tqdm(total=progress["rows"], desc=self.desc, unit="row",
                             dynamic_ncols=True, leave=False)
-            self.t0 = time.perf_counter()
         self.bar.update(progress["rows_done"] - self.bar.n)
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         self.bar.set_postfix_str(f"{progress['tokens'] / elapsed:,.0f} tok/s")
