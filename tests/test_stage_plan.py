@@ -122,10 +122,12 @@ def test_each_program_plan_within_tolerance_of_xla(stage, mesh):
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 8, 1), (2, 2, 2)])
-def test_rollout_cache_plan_is_the_engines_layout(mesh_shape):
-    """The rollout program's KV cache and token / log-prob buffers per device equal the bytes
-    the engine's slot state has on each device (`init_state` placed by `_state_sharding`)."""
-    from phi_reason.engine.sampler import _state_sharding, bucket, init_state
+def test_rollout_pool_plan_is_the_engines_layout(mesh_shape):
+    """The rollout program's KV pool per device equals the bytes the engine's pool of that many
+    blocks has on each device (`init_pool` placed by `_pool_sharding`), per-layer or stacked, and
+    its rows / blocks are the engine's sizing for the same budget (no accelerator: CPU's)."""
+    from phi_reason.engine.paged import init_pool
+    from phi_reason.engine.paged_sampler import CPU_KV_BYTES, _pool_sharding, pool_plan
 
     d, f, t = mesh_shape
     over = TOY + RL + [f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}", "rl.num_slots=12"]
@@ -133,18 +135,19 @@ def test_rollout_cache_plan_is_the_engines_layout(mesh_shape):
     rollout = {p.name: p for p in plan_stage(run, "rl").programs}["rollout"]
     cfg = stage_model(run)
     mesh = make_mesh(d, f, t)
-    slots = -(-12 // (d * f)) * (d * f)  # generate() rounds slots up to the batch axes
-    width = min(-(-(bucket(64, cfg.max_position_embeddings) + 192) // 64) * 64,
-                cfg.max_position_embeddings)
+    e = rollout.engine
+    assert (e["rows_per_device"], e["kv_blocks"]) == pool_plan(
+        cfg.replace(num_key_value_heads=cfg.num_key_value_heads // t), run.rows_per_step(), d * f,
+        64 + 192, 64, 16, 32, cfg.dtype, CPU_KV_BYTES, 12)
+    assert e["rows_per_device"] == -(-12 // (d * f))
     for per_layer in (False, True):
-        shapes = jax.eval_shape(lambda: init_state(cfg, slots, width, per_layer=per_layer))
-        sharding = _state_sharding(mesh, cfg, per_layer=per_layer)
-        per_device = 0
-        for leaf, sh in zip(jax.tree_util.tree_leaves(shapes), jax.tree_util.tree_leaves(sharding)):
-            if leaf.ndim >= 2:  # the cache and the [slots, width] buffers
-                per_device += (int(np.prod(sh.shard_shape(leaf.shape)))
-                               * jnp.dtype(leaf.dtype).itemsize)
-        assert per_device == rollout.parts["kv_cache"] + rollout.parts["buffers"], per_layer
+        shapes = jax.eval_shape(lambda: init_pool(cfg, d * f, e["kv_blocks"], 16,
+                                                  per_layer=per_layer))
+        sharding = _pool_sharding(mesh, cfg, per_layer)
+        per_device = sum(int(np.prod(sh.shard_shape(leaf.shape))) * jnp.dtype(leaf.dtype).itemsize
+                         for leaf, sh in zip(jax.tree_util.tree_leaves(shapes),
+                                             jax.tree_util.tree_leaves(sharding)))
+        assert per_device == rollout.parts["kv_pool"], per_layer
 
 
 @pytest.mark.parametrize("name", PAPER)

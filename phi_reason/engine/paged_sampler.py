@@ -32,6 +32,7 @@ from .sampler import (
     GenerateOutput,
     GenerationInterrupted,
     batch_axes,
+    batch_shards,
     bucket,
     check_requests,
     host_reader,
@@ -42,7 +43,7 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler, blocks_for_memory, kv_bytes_per_block
 
 NO_PAUSE = np.iinfo(np.int32).max
-MAX_ROWS = 256  # default cap on rows decoded at once (vLLM's max_num_seqs)
+MAX_ROWS = 256  # default cap on rows a shard decodes at once (vLLM's max_num_seqs per engine)
 CPU_KV_BYTES = 2 << 30  # default KV pool budget per device on CPU (host RAM is shared)
 ACCEL_KV_FRACTION = 0.5  # of the memory a device reports free, when no budget is given
 
@@ -70,10 +71,10 @@ def pool_plan(cfg, rows: int, shards: int, max_limit: int, prompt_tokens: int, b
 
     Blocks: enough for every row at its full length (no preemption), rounded up to a power of
     two (calls of similar sizes share compiles), or what `budget` bytes per device hold, but at
-    least one row at full length plus scratch (or `kv_blocks`). Rows: `num_slots` if given, else
-    every row up to MAX_ROWS, no more than the pool can start at once (each with its prompt and
-    one chunk)."""
-    rows = -(-int(num_slots or min(rows, MAX_ROWS)) // shards)
+    least one row at full length plus scratch (or `kv_blocks`). Rows: `num_slots` (over all
+    shards) if given, else every row up to MAX_ROWS per shard, no more than the pool can start at
+    once (each with its prompt and one chunk)."""
+    rows = -(-int(num_slots) // shards) if num_slots else min(-(-rows // shards), MAX_ROWS)
     per_row = -(-(max_limit - 1) // block_size)
     want = _pow2(rows * per_row + 1)
     per_block = kv_bytes_per_block(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
@@ -129,8 +130,8 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                    on_progress: Optional[Callable[[dict], None]] = None) -> GenerateOutput:
     """`sampler.generate` over a paged KV cache (see its arguments), plus:
 
-    num_slots: the most rows decoded at once (default: every row up to MAX_ROWS, no more than
-      the pool can start at once; see `pool_plan`).
+    num_slots: the most rows decoded at once over all shards (default: every row, up to MAX_ROWS
+      per shard and no more than the pool can start at once; see `pool_plan`).
     block_size: tokens per KV block. kv_blocks: blocks per shard (scratch included); default:
       every row at full length, capped by kv_bytes (default `kv_budget_bytes()` per device).
       A smaller pool admits fewer rows at a time and preempts (recomputes) when it runs out.
@@ -151,9 +152,7 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     cap = cfg.max_position_embeddings
     limits = [min(len(p) + m, cap) for p, m in zip(prompts, budgets)]
 
-    shards = 1
-    if mesh is not None:
-        shards = int(np.prod([mesh.shape[a] for a in batch_axes(mesh)] or [1]))
+    shards = batch_shards(mesh)
     params = inference_params(params, cfg, mesh)
     if unroll_layers is None:
         unroll_layers = jax.default_backend() == "cpu" or not cfg.scan_layers

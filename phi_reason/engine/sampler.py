@@ -203,6 +203,11 @@ def batch_axes(mesh) -> tuple:
     return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
 
 
+def batch_shards(mesh) -> int:
+    """How many ways rows split over the batch axes (1 without a mesh)."""
+    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in batch_axes(mesh)] or [1]))
+
+
 def _state_sharding(mesh, cfg: ModelConfig, per_layer: bool = False):
     """Slots over the batch axes (data, fsdp), KV heads over `tensor` when it divides them."""
     from jax.sharding import NamedSharding

@@ -50,7 +50,7 @@ class RLSection:
     # Sample at temperature T as params with final_norm / T at temperature 1 (exact; the sampler
     # compiles its temperature in, so annealing would otherwise recompile it every step).
     fold_temperature: bool = True
-    num_slots: Optional[int] = None  # sampler's continuous-batching slots (None: all rows)
+    num_slots: Optional[int] = None  # rows decoded at once (None: the step's rows, at most 256)
     rewards: List[RewardSection] = dataclasses.field(default_factory=lambda: [RewardSection()])
     advantage: str = "grpo"  # grpo | dr_grpo | rloo
     scale_rewards: str = "group"  # grpo: group | batch | none

@@ -53,7 +53,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from ..engine.sampler import GenerationInterrupted
+from ..engine.sampler import GenerationInterrupted, batch_shards
 from ..train.advantages import (
     GroupBuffer,
     compute_advantages,
@@ -103,6 +103,13 @@ def evaluate_policy(params, cfg, tokenizer, prompts: Sequence[Prompt], stop_ids,
             "eval/truncated": float(np.mean([r == "length" for r in out.finish_reasons]))}
 
 
+def rl_engine_rows(config: RLRunConfig, shards: int) -> int:
+    """Rows the engine decodes at once (over `shards` batch shards) in every RL sampling call:
+    rl.num_slots, else the step's rows up to MAX_ROWS per shard. The planner reads it too."""
+    from ..engine.paged_sampler import MAX_ROWS
+    return config.rl.num_slots or min(MAX_ROWS * shards, config.rows_per_step())
+
+
 def _rollout_seed(seed: int, step: int, round_: int) -> int:
     return (seed * 1_000_003 + step * 1_009 + round_ * 7) % (2 ** 31 - 1)
 
@@ -142,9 +149,9 @@ class RLLoop:
         self.pending: Optional[PendingUpdate] = None  # a step stopped inside its updates
         self.interrupt: Callable[[], bool] = lambda: False  # the trainer's stop check
         self.timer = PhaseTimer()
-        # One slot count for every sampling call (rounds of different sizes, evaluation), so the
-        # sampler compiles once.
-        self.num_slots = self.rl.num_slots or min(64, config.rows_per_step())
+        # One row count for every sampling call (rounds of different sizes, evaluation), so the
+        # engine's pool has one size and its device functions compile once per bucket.
+        self.num_slots = rl_engine_rows(config, batch_shards(mesh))
 
     # ------------------------------------------------------------------ rollouts
     def sample(self, prompts: Sequence[Prompt], temperature: float, seed: int, group_size: int,

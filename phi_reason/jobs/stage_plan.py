@@ -8,10 +8,12 @@ Programs (each one's peak is what is resident while it runs plus its own transie
   micro-batch at a time, forward only (`plan.forward_estimate`).
 - reference_precompute (DPO, `reference: precompute`): the same pass over the pairs, run before
   the optimizer state exists.
-- rollout (RL, rollout-DPO; also the RL loop's held-out eval, which uses the same sampler): the
-  engine's KV cache `[L, slots, nKV, S, hd]` in the compute dtype with slots over the batch axes
-  and KV heads over `tensor` (`engine.sampler._state_sharding`), its token / log-prob buffers,
-  and the larger of a prefill group's forward and the weights gathered for one decode step.
+- rollout (RL, rollout-DPO; also the RL loop's held-out eval, which uses the same engine): the
+  paged engine's inference weights (compute dtype, replicated over the batch axes, split over
+  `tensor`; none when they are the trainer's own), its KV pool - ACCEL_KV_FRACTION of the memory
+  left, as the engine sizes it on the device, KV heads over `tensor` - with the rows per device
+  and rows at full length it holds (`engine.paged_sampler.pool_plan`), chunk buffers, and a
+  prompt's prefill.
 Sharded programs also hold FSDP-gathered weights (`plan.gathered_weight_bytes`: one layer and the
 vocabulary table, in the parameter dtype; the train step its gradients too, see `plan_memory`).
 Resident: the policy params (`model.param_dtype`), AdamW mu and nu (the parameter dtype, as optax
@@ -44,6 +46,7 @@ class ProgramPlan:
     total_bytes: int = 0
     largest: str = ""
     fits: Optional[bool] = None
+    engine: Dict[str, int] = dataclasses.field(default_factory=dict)  # rollout: rows and pool
 
     def finish(self, usable: Optional[int]) -> "ProgramPlan":
         self.total_bytes = sum(self.parts.values())
@@ -190,7 +193,7 @@ def plan_stage(run: RunConfig, stage: str, accelerator: Optional[str] = None,
                 {"params": resident["params"], "forward": fwd, "gathered": gathered}))
     if stage in ("rl", "rollout-dpo"):
         programs.append(_rollout_program(run, stage, cfg, local, sizes, resident, attention,
-                                         gathered))
+                                         gathered, usable))
         if stage == "rl" and run.rl.eval_problems:
             notes.append("held-out eval uses the rollout program (same sampler and slots)")
     for p in programs:
@@ -200,31 +203,61 @@ def plan_stage(run: RunConfig, stage: str, accelerator: Optional[str] = None,
                      sizes, capacity, usable, programs, fits, notes)
 
 
-def _rollout_program(run, stage, cfg, local, sizes, resident, attention, gathered) -> ProgramPlan:
+def _rollout_program(run, stage, cfg, local, sizes, resident, attention, gathered,
+                     usable) -> ProgramPlan:
+    """The paged engine as it sizes itself on the device: inference weights (compute dtype,
+    decode layout), then a KV pool of ACCEL_KV_FRACTION of what is left, rows from `pool_plan`."""
+    from ..engine import paged_sampler as engine
     from ..engine.sampler import bucket
+    from ..engine.scheduler import kv_bytes_per_block
     if stage == "rl":
+        from .rl_loop import rl_engine_rows
         r, rows = run.rl, run.rows_per_step()
+        num_slots = rl_engine_rows(run, sizes["data"] * sizes["fsdp"])
     else:
         r = run.rollout
-        rows = r.prompts_per_chunk * r.samples_per_prompt
+        rows, num_slots = r.prompts_per_chunk * r.samples_per_prompt, r.num_slots
     cap = cfg.max_position_embeddings
-    batch_ways = sizes["data"] * sizes["fsdp"]
-    slots = r.num_slots or min(rows, 64)
-    slots = -(-slots // batch_ways) * batch_ways
+    shards = sizes["data"] * sizes["fsdp"]
     prompt = bucket(r.max_prompt_tokens, cap)
-    width = min(-(-(prompt + r.max_new_tokens) // 64) * 64, cap)
-    local_slots = slots // batch_ways
+    limit = min(r.max_prompt_tokens + r.max_new_tokens, cap)
+    cbytes = jnp.dtype(cfg.dtype).itemsize
+    decode_rules = merge_rules(engine.DECODE_RULES)
+    same_weights = shards == 1 and cbytes == jnp.dtype(cfg.param_dtype).itemsize
+    parts = dict(resident)
+    if not same_weights:  # the engine prepares a copy (engine.paged_sampler.inference_params)
+        parts["inference_weights"] = planner._param_elems(cfg, sizes, decode_rules) * cbytes
     kv_heads = cfg.num_key_value_heads
     if kv_heads % sizes["tensor"] == 0:
         kv_heads //= sizes["tensor"]
-    cdt = jnp.dtype(cfg.dtype).itemsize
-    kv = 2 * cfg.num_hidden_layers * local_slots * kv_heads * width * cfg.head_dim * cdt
-    buffers = local_slots * width * 8  # tokens int32 + log-probs float32
-    prefill = planner.forward_estimate(local, local_slots, prompt, attention, 1)
+    bs, chunk = 16, 32  # generate_paged's defaults
+    per_block = kv_bytes_per_block(cfg.num_hidden_layers, kv_heads, cfg.head_dim, bs, cbytes)
+    local_cfg = cfg.replace(num_key_value_heads=kv_heads)
+
+    def pool(transient):
+        left = usable - sum(parts.values()) - transient if usable is not None else 0
+        budget = (engine.CPU_KV_BYTES if usable is None else
+                  max(int(left * engine.ACCEL_KV_FRACTION), 0))
+        return engine.pool_plan(local_cfg, rows, shards, limit, r.max_prompt_tokens, bs, chunk,
+                                cfg.dtype, budget, num_slots)
+
+    # The transient: one prefill of every row a device admits at once (or a decode step's
+    # gathered weights), then the pool the engine sizes from what is left.
+    def transient(n_rows):
+        return max(planner.forward_estimate(local, n_rows, prompt, attention, 1),
+                   0 if same_weights else gathered)
+
+    parts["transient"] = transient(pool(transient(1))[0])
+    per_shard, blocks = pool(0)
+    parts["kv_pool"] = blocks * per_block
+    parts["buffers"] = per_shard * (chunk * 8 + limit * 4)  # chunk outputs, block tables
+    full_rows = (blocks - 1) // -(-(limit - 1) // bs)
     return ProgramPlan(
-        "rollout", f"{slots} slots ({local_slots} per device) x {width} positions "
-        f"(prompt bucket {prompt} + {r.max_new_tokens} new)",
-        dict(resident, kv_cache=kv, buffers=buffers, transient=max(prefill, gathered)))
+        "rollout", f"{per_shard} rows per device ({rows} per call over {shards}), KV pool "
+        f"{blocks} blocks x {bs} = {blocks * bs} tokens ({full_rows} rows at the full "
+        f"{limit} tokens; more wait or are preempted)", parts,
+        engine={"rows_per_device": per_shard, "kv_blocks": blocks, "block_size": bs,
+                "rows_at_full_length": full_rows})
 
 
 # ------------------------------------------------------------------------------ output
@@ -243,8 +276,8 @@ def format_stage_plan(plan: StagePlan) -> str:
         verdict = "" if p.fits is None else ("  FITS" if p.fits else "  DOES NOT FIT")
         lines.append(f"program {p.name}: {p.shape}")
         for k, v in p.parts.items():
-            lines.append(f"  {k:<13}{_gib(v)}")
-        lines.append(f"  {'total':<13}{_gib(p.total_bytes)}   largest: {p.largest}{verdict}")
+            lines.append(f"  {k:<18}{_gib(v)}")
+        lines.append(f"  {'total':<18}{_gib(p.total_bytes)}   largest: {p.largest}{verdict}")
     if plan.fits is not None:
         lines.append("verdict: " + ("every program FITS" if plan.fits else "DOES NOT FIT: "
                                     + ", ".join(p.name for p in plan.programs if not p.fits)))
