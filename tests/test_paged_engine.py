@@ -73,6 +73,27 @@ def test_a_small_pool_preempts_and_recomputes_without_changing_output(params, gr
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
 
 
+def test_prefill_calls_are_capped_in_tokens_and_change_no_output(params, groups, monkeypatch):
+    """With PREFILL_TOKENS = 32, twelve unshared prompts of 9-30 tokens go in calls of at most
+    32 tokens per shard (buckets of 16 and 32 tokens: 2 rows and 1 row per call)."""
+    kw = dict(block_size=8, chunk_steps=8, num_slots=12, share_prefix=False, **SAMPLED)
+    whole = generate_paged(params, CFG, groups, 8, **kw)
+    shapes = []
+
+    def spy(*args, **kw):
+        shapes.append(args[2].shape)  # tokens [D, n, T]
+        return prefill_blocks(*args, **kw)
+
+    monkeypatch.setattr(paged_sampler, "PREFILL_TOKENS", 32)
+    monkeypatch.setattr(paged_sampler, "prefill_blocks", spy)
+    capped = generate_paged(params, CFG, groups, 8, **kw)
+    assert shapes and all(n * t <= 32 for _, n, t in shapes), shapes
+    assert sum(n for _, n, _ in shapes) >= len(groups)
+    assert capped.tokens == whole.tokens
+    for a, b in zip(capped.logprobs, whole.logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
 def test_table_width_follows_live_tokens_not_capacity(params, chunks):
     """Two rows whose budget allows the whole context: each chunk's table covers only the
     blocks the rows hold by the chunk's end."""

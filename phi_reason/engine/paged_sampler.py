@@ -43,6 +43,7 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler, blocks_for_memory, kv_bytes_per_block
 
 NO_PAUSE = np.iinfo(np.int32).max
+PREFILL_TOKENS = 16384  # most prompt tokens one prefill call processes per shard
 MAX_ROWS = 256  # default cap on rows a shard decodes at once (vLLM's max_num_seqs per engine)
 CPU_KV_BYTES = 2 << 30  # default KV pool budget per device on CPU (host RAM is shared)
 ACCEL_KV_FRACTION = 0.5  # of the memory a device reports free, when no budget is given
@@ -243,6 +244,13 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     return GenerateOutput([h[len(p):] for h, p in zip(history, prompts)], out_lp, reasons, stats)
 
 
+def prefill_rows(bucket_tokens: int) -> int:
+    """Rows per prefill call at a length bucket: a power of two, at most PREFILL_TOKENS tokens per
+    shard (at least one row), so a prefill's keys, values and activations stay bounded however
+    many rows are admitted at once."""
+    return 1 << max(0, (PREFILL_TOKENS // bucket_tokens).bit_length() - 1)
+
+
 def _run_prefills(params, cfg, pool, prefills, history, shards, block_size):
     """Prefill every admitted history, one call per length bucket ([D, n, T] per call)."""
     if not prefills:
@@ -257,18 +265,19 @@ def _run_prefills(params, cfg, pool, prefills, history, shards, block_size):
         per = collections.defaultdict(list)
         for p in group:
             per[p.shard].append(p)
-        m = _pow2(max(len(v) for v in per.values()))
-        tokens = np.zeros((shards, m, t), np.int32)
-        lengths = np.zeros((shards, m), np.int32)
-        blocks = np.zeros((shards, m, t // block_size), np.int32)
-        for d, items in per.items():
-            for j, p in enumerate(items):
-                src = history[p.seq_id] if p.seq_id is not None else p.key
-                tokens[d, j, :p.tokens] = src[:p.tokens]
-                lengths[d, j] = p.tokens
-                blocks[d, j, :len(p.blocks)] = p.blocks
-        use_long = lengths + 1 > omax
-        pool = prefill_blocks(params, pool, tokens, lengths, use_long, blocks, cfg=cfg)
+        m = min(_pow2(max(len(v) for v in per.values())), prefill_rows(t))
+        for start in range(0, max(len(v) for v in per.values()), m):
+            tokens = np.zeros((shards, m, t), np.int32)
+            lengths = np.zeros((shards, m), np.int32)
+            blocks = np.zeros((shards, m, t // block_size), np.int32)
+            for d, items in per.items():
+                for j, p in enumerate(items[start:start + m]):
+                    src = history[p.seq_id] if p.seq_id is not None else p.key
+                    tokens[d, j, :p.tokens] = src[:p.tokens]
+                    lengths[d, j] = p.tokens
+                    blocks[d, j, :len(p.blocks)] = p.blocks
+            use_long = lengths + 1 > omax
+            pool = prefill_blocks(params, pool, tokens, lengths, use_long, blocks, cfg=cfg)
     return pool
 
 

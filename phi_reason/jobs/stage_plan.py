@@ -241,9 +241,10 @@ def _rollout_program(run, stage, cfg, local, sizes, resident, attention, gathere
         return engine.pool_plan(local_cfg, rows, shards, limit, r.max_prompt_tokens, bs, chunk,
                                 cfg.dtype, budget, num_slots)
 
-    # The transient: one prefill of every row a device admits at once (or a decode step's
-    # gathered weights), then the pool the engine sizes from what is left.
+    # The transient: one prefill call (the rows a device admits at once, up to the engine's
+    # prefill_rows) or a decode step's gathered weights; then the pool sized from what is left.
     def transient(n_rows):
+        n_rows = min(n_rows, engine.prefill_rows(prompt))
         return max(planner.forward_estimate(local, n_rows, prompt, attention, 1),
                    0 if same_weights else gathered)
 
