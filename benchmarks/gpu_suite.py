@@ -1,6 +1,8 @@
-"""Accelerator suite (issue 11): attention paths, train-step MFU, decode vs the HBM roofline.
+"""Accelerator suite (issue 11): attention paths, train-step MFU, decode vs the HBM roofline, the
+paged engine (benchmarks/paged_gpu.py: throughput at 1000/1000, small batches, long tail).
 
-    python benchmarks/gpu_suite.py                  # one GPU, <= 8 minutes
+    python benchmarks/gpu_suite.py --skip engine    # one GPU, <= 8 minutes
+    python benchmarks/gpu_suite.py --skip train --skip attention --skip decode  # engine, ~6 min
     python benchmarks/gpu_suite.py --tiny --out-dir /tmp/x   # toy sizes on CPU (tests)
 
 Writes <out-dir>/<device>.md and <device>.json (default out-dir benchmarks/results).
@@ -28,6 +30,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.paged_gpu import engine_report  # noqa: E402
 from phi_reason.files import atomic_open  # noqa: E402
 from phi_reason.hardware import for_device_kind  # noqa: E402
 from phi_reason.jobs.trainer import train_flops_per_token  # noqa: E402
@@ -361,6 +364,10 @@ def render_md(report) -> str:
         "## Decode (greedy, KV cache)",
         table(report["decode"], ["batch", "context", "steps", "step_ms", "tokens_per_s",
                                  "bytes_per_step", "roofline_fraction", "error"]),
+        "## Engine (paged KV, benchmarks/paged_gpu.py)",
+        *[f"### {name}\n\n" + table(rows if isinstance(rows, list) else [rows], list(
+            (rows if isinstance(rows, list) else [rows])[0]))
+          for name, rows in report.get("engine", {}).items() if isinstance(rows, (list, dict))],
     ]) + "\n"
 
 
@@ -377,7 +384,7 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="toy sizes (CPU, for tests)")
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--skip", action="append", default=[], choices=["attention", "train",
-                                                                      "decode"])
+                                                                      "decode", "engine"])
     def ints(text):
         return tuple(int(x) for x in text.split(","))
 
@@ -419,7 +426,7 @@ def main(argv=None):
                        "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                        "peak_flops": peak_flops, "peak_bw": peak_bw, "peaks": peaks_src,
                        "tiny": args.tiny, "interpret_kernels": interpret},
-              "attention": [], "train": [], "decode": []}
+              "attention": [], "train": [], "decode": [], "engine": {}}
     if args.train_batches:
         train_args["batches"] = args.train_batches
     if args.remats:
@@ -445,6 +452,8 @@ def main(argv=None):
         "decode": lambda: bench_decode(base, peak_bw=peak_bw, **decode_args),
         "attention": lambda: bench_attention(dtype=jnp.bfloat16, interpret=interpret,
                                              **attn_args),
+        # the paged engine (benchmarks/paged_gpu.py; ~6 minutes on one GPU at full sizes)
+        "engine": lambda: engine_report(args.tiny, peak_bw, peaks_src),
     }
     for name, run in sections.items():
         if name not in args.skip:

@@ -53,8 +53,17 @@ def test_tiny_suite_writes_json_and_markdown(suite_output):
         assert r["tokens_per_s"] > 0 and r["roofline_fraction"] > 0
         assert r["bytes_per_step"] > 0
 
+    engine = report["engine"]
+    assert engine["model"] == "tiny" and engine["weight_bytes"] > 0
+    t = engine["throughput"]
+    assert t["output_tok_s"] > 0 and t["rows"] == 4 and t["kv_blocks"] > 0
+    assert [r["batch"] for r in engine["small_batches"]] == [2]
+    tail = engine["long_tail"]
+    assert 0 < tail["ceiling_seconds"] and tail["fraction_of_ceiling"] > 0
+    assert tail["peak_used_blocks"] <= tail["kv_blocks"]
+
     md = (suite_output / "cpu-tiny.md").read_text()
-    for heading in ("## Attention", "## Train step", "## Decode"):
+    for heading in ("## Attention", "## Train step", "## Decode", "## Engine", "### long_tail"):
         assert heading in md
     assert "gpu_triton" in md and "roofline_fraction" in md
 
