@@ -1,7 +1,8 @@
 """Record sources and schema adapters.
 
 Sources (`read_records`): JSONL, Parquet (pyarrow), ArrayRecord (JSON records; when
-`array_record` is installed), TFDS (`tfds:NAME[:SPLIT]`, when tensorflow_datasets is installed),
+`array_record` is installed), TFDS (`tfds:NAME[:SPLIT][@DATA_DIR]`: a prepared array_record or
+parquet dataset, read with tensorflow_datasets - the `tfds` extra - and no TensorFlow),
 `datasets` saved to disk (`datasets.load_from_disk`, when installed), and shards: a directory of
 Parquet (else JSONL) files such as a cloned Hugging Face dataset repo, or a glob
 (`repo/data/train-*.parquet`), read in name order. Every record carries where it
@@ -23,6 +24,7 @@ import glob
 import json
 import os
 import pathlib
+import re
 
 from ..errors import UsageError
 from .boxed import gsm8k_answer, last_boxed
@@ -85,16 +87,96 @@ def _read_array_record(path: pathlib.Path, bad):
         yield where, record
 
 
+TFDS_SPEC = "tfds:NAME[:SPLIT][@DATA_DIR]"
+_TFDS_SPEC = re.compile(r"tfds:(?P<name>[^:@]+(?::\d+\.\d+\.\d+)?)(?::(?P<split>[^@]+))?"
+                        r"(?:@(?P<data_dir>.+))?")
+
+
+def _parse_tfds(spec: str):
+    """`tfds:NAME[:SPLIT][@DATA_DIR]` -> (name, split, data_dir or None). NAME may carry a config
+    and a version (`name/config:1.0.0`); SPLIT defaults to train and takes TFDS slices
+    (`train[:1000]`); DATA_DIR is the directory holding NAME/VERSION/ (TFDS's data_dir: default
+    $TFDS_DATA_DIR, else ~/tensorflow_datasets)."""
+    m = _TFDS_SPEC.fullmatch(spec)
+    if not m:
+        raise DataError(f"{spec}: expected {TFDS_SPEC}, e.g. tfds:my_math:train@/data/tfds")
+    data_dir = m["data_dir"]
+    return m["name"], m["split"] or "train", os.path.expanduser(data_dir) if data_dir else None
+
+
+def _tfds_value(feature, value, tfds):
+    """A decoded TFDS value as plain Python: text as str, numpy scalars and arrays as Python
+    scalars and lists, and a Sequence of dicts (TFDS stores it as a dict of lists) as a list of
+    dicts, so that e.g. `messages: Sequence({role, content})` reads as chat messages."""
+    if isinstance(feature, tfds.features.Sequence) and isinstance(value, dict):
+        inner = feature.feature
+        columns = {k: list(v) for k, v in value.items()}
+        n = len(next(iter(columns.values()), []))
+        return [_tfds_value(inner, {k: v[i] for k, v in columns.items()}, tfds) for i in range(n)]
+    if isinstance(feature, tfds.features.FeaturesDict) and isinstance(value, dict):
+        return {k: _tfds_value(feature[k] if k in feature.keys() else None, v, tfds)
+                for k, v in value.items()}
+    if isinstance(feature, tfds.features.Sequence) and not isinstance(value, (bytes, str)):
+        return [_tfds_value(feature.feature, v, tfds) for v in value]
+    return _plain(value)
+
+
+def _plain(value):
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value] if value.dtype.kind in "OSU" else value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value  # binary data stays bytes; a schema wanting text names the record
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _read_tfds(spec: str, bad):
+    """A prepared TFDS dataset read by random access (`builder.as_data_source`): array_record or
+    parquet files, which need no TensorFlow; nothing is downloaded or prepared. Records are named
+    `tfds:NAME:SPLIT:record i`."""
+    name, split, data_dir = _parse_tfds(spec)
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise DataError(f"{spec}: TFDS sources need tensorflow_datasets installed") from e
-    _, name, *rest = spec.split(":")
-    split = rest[0] if rest else "train"
-    source = tfds.data_source(name, split=split)
+        raise DataError(f"{spec}: TFDS sources need tensorflow_datasets installed "
+                        "(pip install 'phi-reason[tfds]')") from e
+    if data_dir is not None and not os.path.isdir(data_dir):
+        raise DataError(f"{spec}: no such TFDS data directory {data_dir}")
+    default_dir = "TFDS's default data_dir ($TFDS_DATA_DIR, else ~/tensorflow_datasets)"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        found = sorted(p.name for p in pathlib.Path(data_dir).iterdir()
+                       if p.is_dir() and p.name != "downloads") if data_dir else []
+        raise DataError(f"{spec}: no prepared TFDS dataset {name!r} in {data_dir or default_dir}"
+                        + (f" (it holds {found})" if found else "")
+                        + f"; the spec is {TFDS_SPEC}") from None
+    except (AssertionError, ValueError) as e:  # e.g. a version that is not there
+        raise DataError(f"{spec}: {e}") from None
+    if not builder.is_prepared():  # a registered dataset: never downloaded or prepared here
+        raise DataError(f"{spec}: {name!r} is not prepared in {builder.data_dir}; prepare it "
+                        "with file_format='array_record' (tfds build --file_format=array_record)")
+    try:
+        source = builder.as_data_source(split=split)
+    except NotImplementedError:
+        raise DataError(f"{spec}: the dataset is stored as {builder.info.file_format.value}, which "
+                        "needs TensorFlow; prepare it with file_format='array_record' (or parquet)"
+                        ) from None
+    except (ValueError, KeyError, AssertionError) as e:  # unknown split, bad slice
+        raise DataError(f"{spec}: {e}") from None
+    features = source.dataset_info.features
     for i in range(len(source)):
-        yield f"{spec}:record {i}", _decode_bytes(dict(source[i]))
+        yield f"tfds:{name}:{split}:record {i}", _tfds_value(features, source[i], tfds)
 
 
 def _read_hf_disk(path: pathlib.Path, bad):
@@ -107,10 +189,6 @@ def _read_hf_disk(path: pathlib.Path, bad):
         raise DataError(f"{path}: holds splits {list(ds)}; point at one split's directory")
     for i, record in enumerate(ds):
         yield f"{path}:row {i}", record
-
-
-def _decode_bytes(record: dict) -> dict:
-    return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in record.items()}
 
 
 def _read_shards(paths, bad):
@@ -131,6 +209,7 @@ def _shards_in(path: pathlib.Path) -> list:
 
 
 def _reader_for(spec: str):
+    """(reader, source) for a file, a directory, a glob or a TFDS spec (`TFDS_SPEC`)."""
     if spec.startswith("tfds:"):
         return _read_tfds, spec
     if any(c in spec for c in "*?["):  # a glob of shards, e.g. repo/data/train-*.parquet
@@ -157,7 +236,7 @@ def _reader_for(spec: str):
     if suffix in (".array_record", ".arrayrecord") or ".array_record" in path.name:
         return _read_array_record, path
     raise DataError(f"{path}: unknown data file type {suffix!r} (expected .jsonl, .parquet, "
-                    ".array_record, a datasets dir or tfds:NAME)")
+                    f".array_record, a datasets dir or {TFDS_SPEC})")
 
 
 # ------------------------------------------------------------------------------------------ schemas
