@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -140,8 +141,9 @@ class Evaluator:
         out = sample(params, cfg, self.tok, [p.ids for p in self.prompts], stops,
                      self.max_new_tokens)
         texts = out.texts
-        correct = grade(self.pool, texts, [p.answer for p in self.prompts], "eval")
-        return {"accuracy": sum(correct) / len(correct),
+        correct = [int(bool(c)) for c in
+                   grade(self.pool, texts, [p.answer for p in self.prompts], "eval")]
+        return {"accuracy": sum(correct) / len(correct), "correct": correct,
                 "mean_response_tokens": sum(map(len, out.tokens)) / len(out.tokens),
                 "sample": {"problem": self.prompts[0].text, "response": texts[0]}}
 
@@ -179,20 +181,68 @@ def run_stages(spec: dict, out: Path, log=print) -> list:
                 model = _save_base(spec, out)
             elif stage == "dpo" and not _rollout_pairs(spec, out, model, files, log):
                 pass  # no (correct, incorrect) pair was sampled: the stage keeps the SFT model
+            elif stage == "rl":
+                _run_rl(_stage_config(spec, stage, out, model, files),
+                        evaluate.prompts[:int(spec["eval"].get("rl_subset", 0))])
+                model = out / stage / "final"
             else:
                 runner = {"midtrain": run_sft, "sft": run_sft, "dpo": run_dpo, "rl": run_rl}[stage]
                 _check(runner(str(_stage_config(spec, stage, out, model, files))), stage)
                 model = out / stage / "final"
             train_time = time.time() - t0
             metrics = evaluate(model)
+            correct = metrics["correct"]
             row = {"name": stage, "accuracy": metrics["accuracy"],
+                   "stderr": binomial_se(correct),
                    "mean_response_tokens": metrics["mean_response_tokens"],
-                   "train_seconds": round(train_time, 1), "model": str(model),
+                   "train_seconds": round(train_time, 1),
+                   "eval_seconds": round(time.time() - t0 - train_time, 1), "model": str(model),
                    "sample": metrics["sample"]}
+            if results:
+                prev = results[-1]["correct"]
+                row["gain"] = row["accuracy"] - results[-1]["accuracy"]
+                row["gain_stderr"] = paired_se(correct, prev)
+            row["correct"] = "".join(map(str, correct))  # per held-out problem, in file order
             results.append(row)
-            log(f"{stage}: held-out accuracy {row['accuracy']:.3f}, mean response "
-                f"{row['mean_response_tokens']:.1f} tokens, {train_time:.0f}s")
+            log(f"{stage}: held-out accuracy {row['accuracy']:.3f} +- {row['stderr']:.3f}, mean "
+                f"response {row['mean_response_tokens']:.1f} tokens, {train_time:.0f}s")
     return results
+
+
+def _run_rl(config_path: Path, eval_prompts: list) -> None:
+    """`phi-reason rl CONFIG`, plus greedy accuracy on `eval_prompts` (a fixed subset of the
+    held-out problems) every `rl.eval_every` steps, logged to the RL run's metrics.jsonl."""
+    from .jobs.rl import train_rl
+    from .jobs.rl_config import load_rl_config
+
+    train_rl(load_rl_config(str(config_path)), eval_prompts=eval_prompts or None)
+
+
+# ------------------------------------------------------------------------------------- statistics
+def binomial_se(correct) -> float:
+    """Standard error of an accuracy over n problems: sqrt(p (1 - p) / n)."""
+    n = len(correct)
+    p = sum(map(int, correct)) / n
+    return math.sqrt(p * (1 - p) / n)
+
+
+def paired_se(correct, prev) -> float:
+    """Standard error of the gain mean(correct) - mean(prev) on the same problems: the SE of the
+    mean of the per-problem differences d_i = correct_i - prev_i, sqrt(var(d) / n), var with
+    divisor n (as binomial_se: against an all-wrong stage the two agree)."""
+    d = [int(a) - int(b) for a, b in zip(correct, prev, strict=True)]
+    n = len(d)
+    mean = sum(d) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in d) / n / n)
+
+
+def smooth(values, alpha: float = 0.2) -> list:
+    """Exponential moving average (bias-corrected from the first value)."""
+    out, ema = [], None
+    for v in values:
+        ema = v if ema is None else alpha * v + (1 - alpha) * ema
+        out.append(ema)
+    return out
 
 
 def _rollout_pairs(spec: dict, out: Path, model: Path, files: dict, log) -> int:
@@ -212,43 +262,88 @@ def _check(rc: int, stage: str) -> None:
 
 
 # ------------------------------------------------------------------------------------- report
-def rl_reward_curve(out: Path) -> list:
+def _rl_metrics(out: Path) -> list:
     path = out / "rl" / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["step"], r["rollout/reward_mean"]) for r in rows if "rollout/reward_mean" in r]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_report(results: list, out: Path, elapsed: float) -> str:
-    summary = {"stages": results, "total_seconds": round(elapsed, 1),
-               "rl_reward_curve": rl_reward_curve(out)}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
-    _plot(results, summary["rl_reward_curve"], out / "demo.png")
-    lines = ["", f"{'stage':<10} {'held-out acc':>12} {'mean length':>12} {'train time':>11}"]
+def rl_reward_curve(out: Path) -> list:
+    return [(r["step"], r["rollout/reward_mean"]) for r in _rl_metrics(out)
+            if r.get("rollout/reward_mean") is not None]
+
+
+def rl_eval_curve(out: Path, results: list, subset: int) -> list:
+    """(step, greedy accuracy, binomial SE) on the RL stage's held-out subset; step 0 is the
+    model RL started from, scored on the same problems from its held-out evaluation."""
+    curve = []
+    before = {r["name"]: r for r in results}.get("dpo")
+    if subset and before is not None:
+        first = before["correct"][:subset]
+        curve.append((0, sum(map(int, first)) / len(first), binomial_se(first)))
+    for r in _rl_metrics(out):
+        if r.get("eval/accuracy") is not None:
+            p = r["eval/accuracy"]
+            curve.append((r["step"], p, math.sqrt(p * (1 - p) / subset)))
+    return curve if len(curve) > 1 else []
+
+
+def format_table(results: list) -> list:
+    lines = [f"{'stage':<10} {'held-out acc':>12} {'+- SE':>6} {'gain':>7} {'+- SE':>6} "
+             f"{'gain/SE':>7} {'mean length':>11} {'train time':>10}"]
     for r in results:
-        lines.append(f"{r['name']:<10} {r['accuracy']:>12.3f} {r['mean_response_tokens']:>12.1f} "
-                     f"{r['train_seconds']:>10.0f}s")
-    lines.append(f"\ntotal {elapsed:.0f}s; summary.json and demo.png in {out}")
+        gain = (f"{r['gain']:>+7.3f} {r['gain_stderr']:>6.3f} "
+                f"{r['gain'] / r['gain_stderr'] if r['gain_stderr'] else float('inf'):>7.1f}"
+                if "gain" in r else f"{'':>7} {'':>6} {'':>7}")
+        lines.append(f"{r['name']:<10} {r['accuracy']:>12.3f} {r['stderr']:>6.3f} {gain} "
+                     f"{r['mean_response_tokens']:>11.1f} {r['train_seconds']:>9.0f}s")
+    return lines
+
+
+def write_report(results: list, out: Path, elapsed: float, spec: dict | None = None) -> str:
+    subset = int(((spec or {}).get("eval") or {}).get("rl_subset", 0))
+    n = len(results[0]["correct"]) if results else 0
+    summary = {"stages": results, "heldout_problems": n, "total_seconds": round(elapsed, 1),
+               "rl_reward_curve": rl_reward_curve(out),
+               "rl_eval_curve": rl_eval_curve(out, results, subset), "rl_eval_problems": subset}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    _plot(results, summary["rl_reward_curve"], summary["rl_eval_curve"], subset, out / "demo.png")
+    lines = ["", *format_table(results),
+             f"\nSE: binomial SE of the accuracy on the {n} held-out problems; the gain's SE is "
+             f"paired (same problems, previous stage).",
+             f"total {elapsed:.0f}s; summary.json and demo.png in {out}"]
     return "\n".join(lines)
 
 
-def _plot(results, curve, path: Path) -> None:
+def _plot(results, curve, eval_curve, subset: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.bar([r["name"] for r in results], [r["accuracy"] for r in results], color="tab:blue")
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    n = len(results[0]["correct"]) if results else 0
+    acc = [r["accuracy"] for r in results]
+    a.bar([r["name"] for r in results], acc, yerr=[r["stderr"] for r in results], capsize=4,
+          color="tab:blue")
     a.set_ylabel("held-out accuracy (greedy)")
-    a.set_ylim(0, 1)
-    a.set_title("accuracy by stage")
+    a.set_ylim(0, min(1.0, max(acc + [0.05]) * 1.3))
+    a.set_title(f"accuracy by stage ({n} held-out problems, +-1 SE)")
     if curve:
-        b.plot([s for s, _ in curve], [v for _, v in curve], marker="o")
+        steps, rewards = [s for s, _ in curve], [v for _, v in curve]
+        b.plot(steps, rewards, color="tab:gray", alpha=0.5, lw=1, label="per step")
+        b.plot(steps, smooth(rewards), color="tab:red", lw=2, label="EMA (alpha 0.2)")
+        b.legend(loc="lower right")
     b.set_xlabel("RL step")
-    b.set_ylabel("mean reward")
+    b.set_ylabel("mean reward of the step's rollouts (+1 / -1)")
     b.set_title("RL reward")
+    if eval_curve:
+        c.errorbar([s for s, _, _ in eval_curve], [p for _, p, _ in eval_curve],
+                   yerr=[e for _, _, e in eval_curve], marker="o", capsize=3, color="tab:green")
+    c.set_xlabel("RL step (0: the DPO model)")
+    c.set_ylabel("held-out accuracy (greedy)")
+    c.set_title(f"RL: held-out accuracy on {subset} problems, +-1 SE")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -269,5 +364,5 @@ def main(out="./demo_out", quick=False, config=None, model=None, data=None, num_
         return 2
     t0 = time.time()
     results = run_stages(spec, out)
-    print(write_report(results, out, time.time() - t0))
+    print(write_report(results, out, time.time() - t0, spec))
     return 0
