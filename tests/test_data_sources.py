@@ -168,16 +168,6 @@ def test_datasets_disk_source(tmp_path):
     assert [r["answer"] for r in read_records(tmp_path / "ds", "math").records][0] == "2"
 
 
-def test_tfds_source_needs_tfds():
-    try:
-        import tensorflow_datasets  # noqa: F401
-    except ImportError:
-        with pytest.raises(DataError, match="tensorflow_datasets"):
-            read_records("tfds:gsm8k:test", "gsm8k")
-    else:
-        pytest.skip("tensorflow_datasets installed: no offline TFDS dataset to read here")
-
-
 def test_load_records_concatenates_sources(tmp_path):
     a = _write_jsonl(tmp_path / "a.jsonl", [json.dumps(MATH_ROWS[0])])
     b = _write_jsonl(tmp_path / "b.jsonl", [json.dumps(MATH_ROWS[1]), "{"])

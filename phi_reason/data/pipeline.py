@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Optional
 
 import grain
 import numpy as np
@@ -208,6 +209,27 @@ class BatchIterator:
     def set_state(self, state: dict) -> None:
         self._iterator.set_state(state["pipeline"])
         self.stats = collections.Counter(state["stats"])
+
+    @staticmethod
+    def remap_positions(saved: list, count: int, index: int) -> Optional[dict]:
+        """Process `index` of `count`'s position from the positions `saved` by another process
+        count, where they determine one: every process had read the same number k of elements
+        of its shard (host h reads elements h, h + n, ... of the global stream), so elements
+        0 .. k n - 1 were read exactly once and the global stream resumes at k n. That holds
+        for one example per row with none dropped; packed rows and dropped examples read a
+        different number per host (None: not mappable). Cumulative stats go to process 0."""
+        parents = [s["pipeline"]["parent"] for s in saved]
+        if any(set(p) != {"next_index"} for p in parents) or len(
+                {p["next_index"] for p in parents}) != 1:
+            return None
+        consumed = parents[0]["next_index"] * len(saved)
+        if consumed % count:
+            return None
+        totals = collections.Counter()
+        for s in saved:
+            totals.update(s["stats"])
+        stats = dict(totals) if index == 0 else {k: 0 for k in totals}
+        return {"pipeline": {"parent": {"next_index": consumed // count}}, "stats": stats}
 
     def close(self):
         close = getattr(self._iterator, "close", None)

@@ -148,6 +148,10 @@ class BatchSteps:
     def set_state(self, state) -> None:
         self.data.set_state(state)
 
+    def remap_positions(self, saved: list, count: int, index: int):
+        remap = getattr(self.data, "remap_positions", None)
+        return None if remap is None else remap(saved, count, index)
+
     def postfix(self, m: dict) -> dict:
         post = {"loss": f"{m['loss']:.4f}", "tok/s": f"{m['tokens_per_s']:.0f}"}
         if "mfu" in m:
@@ -214,11 +218,15 @@ class Trainer:
             return saved[me]
         if getattr(self.source, "position_is_global", False):
             return data["iterator"]
+        remap = getattr(self.source, "remap_positions", None)
+        position = None if remap is None else remap(saved, n, me)
+        if position is not None:
+            return position
         raise RunConfigError(
             f"{self.out / 'checkpoints'}: step {step} was written by {len(saved)} process(es), "
-            f"this run has {n}; each process's data position is in its own shard of the stream and "
-            f"cannot be mapped onto {n} yet: resume with {len(saved)} process(es) (the weights "
-            "restore into any mesh)")
+            f"this run has {n}; their data positions differ (packed rows or dropped examples "
+            f"read a different number of records per host) and cannot be mapped onto {n}: "
+            f"resume with {len(saved)} process(es) (the weights restore into any mesh)")
 
     def restore(self, step: Optional[int] = None) -> int:
         """Restore the latest (or given) checkpoint into the source; returns its step."""
