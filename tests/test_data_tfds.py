@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from phi_reason.data.sources import DataError, _parse_tfds, load_records, read_records
+from phi_reason.data.readers import _parse_tfds
+from phi_reason.data.sources import DataError, load_records, read_records
 
 MATH = [
     {"problem": "What is $1+1$?", "solution": "It is $\\boxed{2}$.", "level": 1},

@@ -62,8 +62,16 @@ def assert_same_run(outs, keys=("loss", "grad_norm")):
 
 
 def test_sft_two_processes_equal_one(tmp_path, cache):
+    """From a JSONL file: each process indexes it and reads only its share of the records."""
+    from phi_reason.data.synthetic import make_problems
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": p["problem"]},
+        {"role": "assistant", "content": p["solution"]}]}) + "\n"
+        for p in make_problems(64, seed=1, difficulty="easy")))
     outs = run_both("sft", CONFIGS / "tiny_sft.yaml", tmp_path, cache, "data.packed=false",
-                    "train.steps=4", "output.save_every=100")
+                    "train.steps=4", "output.save_every=100", f"data.train_files=[{data}]")
     assert_same_run(outs)
 
 

@@ -95,8 +95,9 @@ def training_records(run: RunConfig, schema: str):
     """Training records: data.train_files, or synthetic verifiable math when data.synthetic."""
     d = run.data
     if d.train_files:
-        from ..data.sources import load_records
-        return load_records(d.train_files, d.schema or schema, d.skip_bad_records).records
+        # Indexed, not loaded: each host reads only the records of its share of the stream.
+        from ..data.sources import index_records
+        return index_records(d.train_files, d.schema or schema, d.skip_bad_records)
     if d.synthetic is not None:
         from ..data.synthetic import make_problems
         problems = make_problems(**d.synthetic)
