@@ -61,18 +61,42 @@ def assert_same_run(outs, keys=("loss", "grad_norm")):
         assert not leftovers, leftovers  # no per-process temp dirs
 
 
-def test_sft_two_processes_equal_one(tmp_path, cache):
-    """From a JSONL file: each process indexes it and reads only its share of the records."""
+@pytest.fixture(scope="module")
+def sft_runs(tmp_path_factory, cache):
+    """Unpacked SFT from a JSONL file (each process indexes it and reads only its share of the
+    records), 4 steps with a checkpoint every 2, on 1 x 4 and on 2 x 2."""
     from phi_reason.data.synthetic import make_problems
 
+    tmp_path = tmp_path_factory.mktemp("sft")
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": p["problem"]},
         {"role": "assistant", "content": p["solution"]}]}) + "\n"
         for p in make_problems(64, seed=1, difficulty="easy")))
-    outs = run_both("sft", CONFIGS / "tiny_sft.yaml", tmp_path, cache, "data.packed=false",
-                    "train.steps=4", "output.save_every=100", f"data.train_files=[{data}]")
-    assert_same_run(outs)
+    overrides = ("data.packed=false", "train.steps=4", "output.save_every=2",
+                 f"data.train_files=[{data}]")
+    return run_both("sft", CONFIGS / "tiny_sft.yaml", tmp_path, cache, *overrides), overrides
+
+
+def test_sft_two_processes_equal_one(sft_runs):
+    assert_same_run(sft_runs[0])
+
+
+def test_an_unpacked_run_resumes_on_another_process_count(sft_runs, tmp_path, cache):
+    """The 2 x 2 run's checkpoint at step 2 (one example per row: every host read the same
+    number of records, so the global stream position is known) resumed as 1 x 4 ends as the
+    uninterrupted 1 x 4 run: the losses of steps 3-4 and the final weights."""
+    import shutil
+
+    outs, overrides = sft_runs
+    part = tmp_path / "part"
+    shutil.copytree(outs[2], part)
+    shutil.rmtree(part / "final")
+    shutil.rmtree(part / "checkpoints" / "4")
+    process_launcher.run(["sft", CONFIGS / "tiny_sft.yaml", "mesh.enabled=true", "mesh.fsdp=-1",
+                          f"output.dir={part}", "output.progress=false", *overrides, "--resume"],
+                         1, 4, cache)
+    assert_same_run({1: outs[1], 2: part})
 
 
 def test_dpo_two_processes_equal_one(tmp_path, cache):

@@ -64,35 +64,10 @@ def test_a_lost_process_makes_the_other_exit_nonzero_naming_it(tmp_path, cache, 
     assert not (out / "final").exists()
 
 
-def test_an_unpacked_run_resumes_on_another_process_count(tmp_path, cache):
-    """2 processes x 2 devices checkpoint at step 2 (one example per row: every host read the
-    same number of records, so the global stream position is known); one process x 4 devices
-    resumes from it and ends as an uninterrupted 1 x 4 run: losses of steps 3-4 and final weights
-    equal to float32 reduction-order rounding (the tolerance of test_multiprocess.py)."""
-    import shutil
-
-    from test_multiprocess import ATOL, RTOL, final_params
-
-    base = ["sft", CONFIGS / "tiny_sft.yaml", "mesh.enabled=true", "output.progress=false",
-            "data.packed=false", "train.steps=4", "output.save_every=2"]
-    one, part = tmp_path / "one", tmp_path / "part"
-    process_launcher.run([*base, f"output.dir={one}"], 1, 4, cache)
-    process_launcher.run([*base, f"output.dir={part}"], 2, 2, cache)
-    shutil.rmtree(part / "final")
-    shutil.rmtree(part / "checkpoints" / "4")
-    process_launcher.run([*base, f"output.dir={part}", "--resume"], 1, 4, cache)
-    want, got = losses(one), losses(part)
-    assert sorted(got) == [1, 2, 3, 4]
-    np.testing.assert_allclose([got[s] for s in (3, 4)], [want[s] for s in (3, 4)],
-                               rtol=RTOL, atol=ATOL)
-    a, b = final_params(one), final_params(part)
-    for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=RTOL, atol=ATOL, err_msg="/".join(k))
-
-
 def test_resume_on_another_process_count_is_refused_naming_both(tmp_path, monkeypatch):
     """Each process resumes from its own saved data position; on another process count the
-    positions are mapped when they determine the global stream position (previous test), else
+    positions are mapped when they determine the global stream position (test_multiprocess.py),
+    else
     the resume stops with one clear line, unless the position is global (RL: every process runs
     the same prompt stream)."""
     from phi_reason.config import RunConfigError

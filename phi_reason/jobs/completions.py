@@ -3,15 +3,18 @@ the demo all sample with the paged engine, cut each row's text at the chat forma
 the same way (`completion_text`) and grade through the grader pool.
 
 `sample` returns the engine's output with the texts; `submit_grading` queues verdicts now and
-returns a wait function, so callers do device work (log-prob passes) while the pool grades.
+returns a wait function, so callers do device work (log-prob passes) while the pool grades;
+under several processes each grades its share and the verdicts are gathered.
 `ProgressBar` is the engine's `on_progress` callback as a tqdm bar (rows done, tokens/s, ETA).
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Callable, List, NamedTuple, Sequence
 
 from ..data.tokenizer import completion_text
+from ..sharding import processes
 
 
 class Completions(NamedTuple):
@@ -36,9 +39,25 @@ def sample(params, cfg, tokenizer, prompts: Sequence[Sequence[int]], stop_ids: S
 
 def submit_grading(grader, pairs, mode: str) -> Callable[[], list]:
     """Queue (prediction, gold) pairs in the grader's worker pool now; the returned callable
-    waits for the verdicts (list of bool). The caller does device work in between."""
-    futures = [grader.submit(prediction, gold, mode) for prediction, gold in pairs]
-    return lambda: [f.result().correct for f in futures]
+    waits for the verdicts (list of bool). The caller does device work in between.
+
+    Under several processes each grades its share (pairs p, p + n, ...) and waiting gathers
+    every verdict on every process (a collective: all processes call it, in the same order), so
+    each completion is graded once and all processes hold the same verdicts."""
+    n, me = processes.process_count(), processes.process_index()
+    futures = [grader.submit(*pairs[i], mode) for i in range(me, len(pairs), n)]
+
+    def wait() -> list:
+        mine = [bool(f.result().correct) for f in futures]
+        if n == 1:
+            return mine
+        verdicts = [None] * len(pairs)
+        for p, text in enumerate(processes.gather_texts(json.dumps(mine))):
+            for i, v in zip(range(p, len(pairs), n), json.loads(text)):
+                verdicts[i] = v
+        return verdicts
+
+    return wait
 
 
 def grade(grader, texts: Sequence[str], answers: Sequence[str], mode: str) -> list:
