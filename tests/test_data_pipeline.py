@@ -75,8 +75,6 @@ def test_positions_of_two_hosts_map_onto_one_and_four():
     one host, which continues with exactly the uninterrupted single host's 4th batch, and onto
     four hosts, whose rows together are that batch's rows. Packed rows read a different number of
     records per host: not mappable (None)."""
-    from phi_reason.data.pipeline import BatchIterator
-
     kw = dict(packed=False, batch_size=8, num_epochs=None)
     hosts = [_sft(shard_index=h, shard_count=2, **kw) for h in range(2)]
     for it in hosts:
@@ -88,21 +86,21 @@ def test_positions_of_two_hosts_map_onto_one_and_four():
         next(single)
     want = next(single)
     resumed = _sft(**kw)
-    resumed.set_state(BatchIterator.remap_positions(saved, 1, 0))
+    resumed.set_state(resumed.remap_positions(saved, 1, 0))
     assert _equal(next(resumed), want)
     quarters = []
     for h in range(4):
         it = _sft(shard_index=h, shard_count=4, **kw)
-        it.set_state(BatchIterator.remap_positions(saved, 4, h))
+        it.set_state(it.remap_positions(saved, 4, h))
         quarters += _problems_in(next(it))
     assert sorted(quarters) == sorted(_problems_in(want))
-    assert BatchIterator.remap_positions(saved, 4, 1)["stats"]["examples"] == 0
-    assert BatchIterator.remap_positions(saved, 4, 0)["stats"]["examples"] == 24
+    assert resumed.remap_positions(saved, 4, 1)["stats"]["examples"] == 0
+    assert resumed.remap_positions(saved, 4, 0)["stats"]["examples"] == 24
     packed = [_sft(shard_index=h, shard_count=2, batch_size=2, num_epochs=None) for h in range(2)]
     for it, n in zip(packed, (3, 5)):
         for _ in range(n):
             next(it)
-    assert BatchIterator.remap_positions([it.get_state() for it in packed], 1, 0) is None
+    assert resumed.remap_positions([it.get_state() for it in packed], 1, 0) is None
 
 
 @pytest.mark.parametrize("policy", ["truncate", "drop"])

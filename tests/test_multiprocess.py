@@ -63,8 +63,9 @@ def assert_same_run(outs, keys=("loss", "grad_norm")):
 
 @pytest.fixture(scope="module")
 def sft_runs(tmp_path_factory, cache):
-    """Unpacked SFT from a JSONL file (each process indexes it and reads only its share of the
-    records), 4 steps with a checkpoint every 2, on 1 x 4 and on 2 x 2."""
+    """Packed SFT from a JSONL file (each process indexes it and reads only its share of the
+    records; the hosts exchange examples and pack the global batch), 4 steps with a checkpoint
+    every 2, on 1 x 4 and on 2 x 2."""
     from phi_reason.data.synthetic import make_problems
 
     tmp_path = tmp_path_factory.mktemp("sft")
@@ -73,7 +74,7 @@ def sft_runs(tmp_path_factory, cache):
         {"role": "user", "content": p["problem"]},
         {"role": "assistant", "content": p["solution"]}]}) + "\n"
         for p in make_problems(64, seed=1, difficulty="easy")))
-    overrides = ("data.packed=false", "train.steps=4", "output.save_every=2",
+    overrides = ("data.packed=true", "train.steps=4", "output.save_every=2",
                  f"data.train_files=[{data}]")
     return run_both("sft", CONFIGS / "tiny_sft.yaml", tmp_path, cache, *overrides), overrides
 
@@ -82,10 +83,10 @@ def test_sft_two_processes_equal_one(sft_runs):
     assert_same_run(sft_runs[0])
 
 
-def test_an_unpacked_run_resumes_on_another_process_count(sft_runs, tmp_path, cache):
-    """The 2 x 2 run's checkpoint at step 2 (one example per row: every host read the same
-    number of records, so the global stream position is known) resumed as 1 x 4 ends as the
-    uninterrupted 1 x 4 run: the losses of steps 3-4 and the final weights."""
+def test_sft_resumes_on_another_process_count(sft_runs, tmp_path, cache):
+    """The 2 x 2 run's checkpoint at step 2 (its data position is one global stream index)
+    resumed as 1 x 4 ends as the uninterrupted 1 x 4 run: the losses of steps 3-4 and the final
+    weights."""
     import shutil
 
     outs, overrides = sft_runs

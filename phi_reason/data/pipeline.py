@@ -23,6 +23,7 @@ import grain
 import numpy as np
 
 from .chat import render_completion, render_conversation, render_prompt
+from .global_stream import GLOBAL_INDEX
 from .packing import FirstFitBins, apply_length_policy, pad_rows
 
 STAT_PREFIX = "stat_"
@@ -190,9 +191,10 @@ class BatchIterator:
     """The pipeline's iterator for training loops: batches without the per-batch stat entries,
     cumulative `stats`, and a checkpointable state {"pipeline": grain state, "stats": counts}."""
 
-    def __init__(self, dataset: grain.IterDataset):
+    def __init__(self, dataset: grain.IterDataset, global_positions: bool = False):
         self._iterator = iter(dataset)
         self.stats = collections.Counter({name: 0 for name in STAT_NAMES})
+        self.global_positions = global_positions  # positions are global stream indices
 
     def __iter__(self):
         return self
@@ -210,26 +212,33 @@ class BatchIterator:
         self._iterator.set_state(state["pipeline"])
         self.stats = collections.Counter(state["stats"])
 
-    @staticmethod
-    def remap_positions(saved: list, count: int, index: int) -> Optional[dict]:
-        """Process `index` of `count`'s position from the positions `saved` by another process
-        count, where they determine one: every process had read the same number k of elements
-        of its shard (host h reads elements h, h + n, ... of the global stream), so elements
-        0 .. k n - 1 were read exactly once and the global stream resumes at k n. That holds
-        for one example per row with none dropped; packed rows and dropped examples read a
-        different number per host (None: not mappable). Cumulative stats go to process 0."""
+    def remap_positions(self, saved: list, count: int, index: int) -> Optional[dict]:
+        """This iterator's position (process `index` of `count`) from the positions `saved` by
+        another process count, or None where they fix no global stream position.
+
+        A global stream position: the global batches' index (`global_stream.py`), or a single
+        host's position (its stream is the global one), or, from hosts that each read their own
+        shard (host h: elements h, h + n, ...), k n when every host had read the same number k
+        of its shard (one example per row, none dropped; packed rows and dropped examples read a
+        different number per host). Cumulative stats: the global ones on every host of a global
+        iterator, else on process 0."""
         parents = [s["pipeline"]["parent"] for s in saved]
-        if any(set(p) != {"next_index"} for p in parents) or len(
-                {p["next_index"] for p in parents}) != 1:
+        if all(set(p) == {GLOBAL_INDEX} for p in parents) and all(s == saved[0] for s in saved):
+            position, totals = parents[0][GLOBAL_INDEX], collections.Counter(saved[0]["stats"])
+        elif all(set(p) == {"next_index"} for p in parents) and len(
+                {p["next_index"] for p in parents}) == 1:
+            position = parents[0]["next_index"] * len(saved)
+            totals = collections.Counter()
+            for s in saved:
+                totals.update(s["stats"])
+        else:
             return None
-        consumed = parents[0]["next_index"] * len(saved)
-        if consumed % count:
+        if self.global_positions:
+            return {"pipeline": {"parent": {GLOBAL_INDEX: position}}, "stats": dict(totals)}
+        if position % count:
             return None
-        totals = collections.Counter()
-        for s in saved:
-            totals.update(s["stats"])
         stats = dict(totals) if index == 0 else {k: 0 for k in totals}
-        return {"pipeline": {"parent": {"next_index": consumed // count}}, "stats": stats}
+        return {"pipeline": {"parent": {"next_index": position // count}}, "stats": stats}
 
     def close(self):
         close = getattr(self._iterator, "close", None)
@@ -259,17 +268,48 @@ def example_dataset(records, to_example, *, seed=0, shuffle=True, num_epochs=Non
     """records -> shuffled (new permutation each epoch) -> repeated -> this host's shard ->
     examples. Sharding after shuffle and repeat splits the one global stream: host h takes its
     elements h, h + hosts, ... so hosts never see the same element of an epoch."""
-    records = getattr(records, "records", records)  # a sources.Records or a plain list
-    if len(records) == 0:
-        raise ValueError("no records")
     shard_index, shard_count = _host_shard(shard_index, shard_count)
-    ds = grain.MapDataset.source(records)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)
+    ds = _global_records(records, seed, shuffle, num_epochs)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     return ds.map(to_example)
+
+
+def _global_records(records, seed, shuffle, num_epochs) -> grain.MapDataset:
+    """The one global stream of records: shuffled (a new permutation each epoch), repeated."""
+    records = getattr(records, "records", records)  # a sources.Records, an index or a list
+    if len(records) == 0:
+        raise ValueError("no records")
+    ds = grain.MapDataset.source(records)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    return ds.repeat(num_epochs)
+
+
+def _global_batches(records, to_example, strategy, *, seed, shuffle, num_epochs, seq_len,
+                    length_policy, workers, drop_remainder, shard_index, shard_count, exchange):
+    """Batches of the global stream assembled identically on every host (global_stream.py);
+    this host keeps rows shard_index * rows / shard_count onward of each."""
+    from .global_stream import GlobalStream
+
+    if workers > 0:
+        raise ValueError("data.workers > 0 with several processes: examples are exchanged "
+                         "between hosts in the training loop's thread; set data.workers=0")
+    stream = _global_records(records, seed, shuffle, num_epochs)
+
+    def make_local(start, index, count):
+        return iter(stream[start + index::count].map(to_example).to_iter_dataset(INLINE_READ))
+
+    rows = strategy.rows // shard_count
+    lo, hi = shard_index * rows, (shard_index + 1) * rows
+
+    def own_rows(batch):
+        return {k: v if k.startswith(STAT_PREFIX) else v[lo:hi] for k, v in batch.items()}
+
+    parent = GlobalStream(make_local, exchange, shard_index, shard_count,
+                          per_round=-(-strategy.rows // shard_count))
+    ds = BatchIterDataset(parent, strategy, seq_len, length_policy, drop_remainder)
+    return BatchIterator(ds.map(own_rows), global_positions=True)
 
 
 def _allow_unparsed_absl_flags():
@@ -299,28 +339,50 @@ def _finish(examples: grain.MapDataset, strategy, seq_len, length_policy, worker
     return BatchIterator(ds)
 
 
-def sft_batches(records, tokenizer, fmt, *, seq_len, batch_size, packed=True, seed=0, shuffle=True,
-                num_epochs=None, length_policy="truncate", shard_index=None, shard_count=None,
-                workers=0, drop_remainder=False) -> BatchIterator:
-    """SFT batches from chat records ({"messages"}): packed first-fit rows (mid-training) or one
-    conversation per padded row (`packed=False`, so the model sees each end-of-turn in place)."""
+def _batches(records, to_example, make_strategy, *, seq_len, batch_size, seed, shuffle, num_epochs,
+             length_policy, shard_index, shard_count, workers, drop_remainder, exchange):
     shard_index, shard_count = _host_shard(shard_index, shard_count)
     rows = _local_rows(batch_size, shard_count)
-    strategy = (PackedRows if packed else PaddedRows)(rows, seq_len, tokenizer.pad_id)
-    examples = example_dataset(records, SFTExample(tokenizer, fmt), seed=seed, shuffle=shuffle,
-                               num_epochs=num_epochs, shard_index=shard_index,
-                               shard_count=shard_count)
-    return _finish(examples, strategy, seq_len, length_policy, workers, drop_remainder)
+    kw = dict(seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+    if exchange is not None and shard_count > 1:
+        return _global_batches(records, to_example, make_strategy(batch_size), seq_len=seq_len,
+                               length_policy=length_policy, workers=workers,
+                               drop_remainder=drop_remainder, shard_index=shard_index,
+                               shard_count=shard_count, exchange=exchange, **kw)
+    examples = example_dataset(records, to_example, shard_index=shard_index,
+                               shard_count=shard_count, **kw)
+    return _finish(examples, make_strategy(rows), seq_len, length_policy, workers, drop_remainder)
+
+
+def sft_batches(records, tokenizer, fmt, *, seq_len, batch_size, packed=True, seed=0, shuffle=True,
+                num_epochs=None, length_policy="truncate", shard_index=None, shard_count=None,
+                workers=0, drop_remainder=False, exchange=None) -> BatchIterator:
+    """SFT batches from chat records ({"messages"}): packed first-fit rows (mid-training) or one
+    conversation per padded row (`packed=False`, so the model sees each end-of-turn in place).
+
+    With `exchange` (an all-gather across the `shard_count` hosts) every host assembles the
+    global batches and keeps its rows (global_stream.py): the same batches for any host count;
+    without it each host assembles its rows from its own share."""
+    def strategy(rows):
+        return (PackedRows if packed else PaddedRows)(rows, seq_len, tokenizer.pad_id)
+
+    return _batches(records, SFTExample(tokenizer, fmt), strategy, seq_len=seq_len,
+                    batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                    length_policy=length_policy, shard_index=shard_index,
+                    shard_count=shard_count, workers=workers, drop_remainder=drop_remainder,
+                    exchange=exchange)
 
 
 def dpo_batches(records, tokenizer, fmt, *, seq_len, batch_size, seed=0, shuffle=True,
                 num_epochs=None, length_policy="truncate", shard_index=None, shard_count=None,
-                workers=0, drop_remainder=False) -> BatchIterator:
-    """Preference batches: row i of chosen_* and rejected_* is one pair (prompt + response)."""
-    shard_index, shard_count = _host_shard(shard_index, shard_count)
-    rows = _local_rows(batch_size, shard_count)
-    strategy = PaddedRows(rows, seq_len, tokenizer.pad_id, sides=("chosen", "rejected"))
-    examples = example_dataset(records, DPOExample(tokenizer, fmt), seed=seed, shuffle=shuffle,
-                               num_epochs=num_epochs, shard_index=shard_index,
-                               shard_count=shard_count)
-    return _finish(examples, strategy, seq_len, length_policy, workers, drop_remainder)
+                workers=0, drop_remainder=False, exchange=None) -> BatchIterator:
+    """Preference batches: row i of chosen_* and rejected_* is one pair (prompt + response);
+    `exchange` as in `sft_batches`."""
+    def strategy(rows):
+        return PaddedRows(rows, seq_len, tokenizer.pad_id, sides=("chosen", "rejected"))
+
+    return _batches(records, DPOExample(tokenizer, fmt), strategy, seq_len=seq_len,
+                    batch_size=batch_size, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                    length_policy=length_policy, shard_index=shard_index,
+                    shard_count=shard_count, workers=workers, drop_remainder=drop_remainder,
+                    exchange=exchange)

@@ -126,9 +126,12 @@ def build_data(run: RunConfig, kind: str):
     d = run.data
     records = training_records(run, "chat" if kind == "sft" else "dpo")
     tok = load_tokenizer(d.tokenizer)
+    # Several processes: every host assembles the global batches from the examples the hosts
+    # exchange (each reads only its share), so batches and positions do not depend on the count.
+    exchange = processes.exchange_objects if processes.process_count() > 1 else None
     common = dict(seq_len=d.seq_len, batch_size=run.train.batch_size, seed=d.seed,
                   shuffle=d.shuffle, num_epochs=d.epochs, length_policy=d.length_policy,
-                  workers=d.workers, drop_remainder=True)
+                  workers=d.workers, drop_remainder=True, exchange=exchange)
     if kind == "sft":
         it = sft_batches(records, tok, d.chat_format, packed=d.packed, **common)
     else:

@@ -60,14 +60,25 @@ def any_process(flag: bool) -> bool:
     return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag]))).any())
 
 
-def gather_texts(text: str) -> list:
-    """Every process's `text`, in process order, on every process."""
+def gather_bytes(data: bytes) -> list:
+    """Every process's `data`, in process order, on every process (an all-gather)."""
     if process_count() == 1:
-        return [text]
+        return [data]
     from jax.experimental import multihost_utils
-    raw = np.frombuffer(text.encode(), np.uint8)
+    raw = np.frombuffer(data, np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size]))).reshape(-1)
-    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf = np.zeros(max(int(sizes.max()), 1), np.uint8)
     buf[:raw.size] = raw
     rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
-    return [bytes(row[:n]).decode() for row, n in zip(rows, sizes)]
+    return [bytes(row[:n]) for row, n in zip(rows, sizes)]
+
+
+def gather_texts(text: str) -> list:
+    """Every process's `text`, in process order, on every process."""
+    return [b.decode() for b in gather_bytes(text.encode())]
+
+
+def exchange_objects(obj) -> list:
+    """Every process's `obj` (picklable; these are the job's own processes), in process order."""
+    import pickle
+    return [pickle.loads(b) for b in gather_bytes(pickle.dumps(obj))]
