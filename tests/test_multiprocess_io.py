@@ -82,3 +82,10 @@ def test_convert_two_processes_write_one_identical_checkpoint(tmp_path, cache, t
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "orbax"]
+
+
+def test_plan_two_processes_print_once_what_one_prints(cache):
+    args = ["plan", CONFIGS / "tiny_rl.yaml", "--devices", "4", "--json"]
+    (_, one, _), = process_launcher.run(args, 1, 4, cache)
+    (_, lead, _), (_, other, _) = process_launcher.run(args, 2, 2, cache)
+    assert json.loads(lead) == json.loads(one) and other == ""

@@ -430,10 +430,26 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(lines)
 
 
-def main(model=None, mesh=None, devices=None, batch=1, seq=4096, remat="full", accelerator=None,
-         param_dtype="float32", compute_dtype="bfloat16", optimizer_dtype="float32",
-         rollout_batch=0, json=False, logits_chunk=0, config=None, stage=None,
-         overrides=()) -> int:
+def main(**kwargs) -> int:
+    """`phi-reason plan` (see `_main`). Under several processes (srun, a TPU pod) every process
+    computes the same plan and process 0 alone prints it."""
+    import contextlib
+    import io
+
+    from ..sharding import processes
+    from ..sharding.mesh import initialize_distributed
+
+    initialize_distributed()
+    if processes.is_lead():
+        return _main(**kwargs)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return _main(**kwargs)
+
+
+def _main(model=None, mesh=None, devices=None, batch=1, seq=4096, remat="full", accelerator=None,
+          param_dtype="float32", compute_dtype="bfloat16", optimizer_dtype="float32",
+          rollout_batch=0, json=False, logits_chunk=0, config=None, stage=None,
+          overrides=()) -> int:
     """`phi-reason plan`: with a CONFIG.yaml every program of its stage on its target
     (`stage_plan`); with --model one train step's per-device plan (or a suggested mesh for
     --devices). A bad model / mesh / batch raises a UsageError (MeshError, ConfigError)."""
