@@ -129,6 +129,9 @@ def build_data(run: RunConfig, kind: str):
     # Several processes: every host assembles the global batches from the examples the hosts
     # exchange (each reads only its share), so batches and positions do not depend on the count.
     exchange = processes.exchange_objects if processes.process_count() > 1 else None
+    if exchange is not None and d.workers > 0:
+        raise RunConfigError(f"data.workers={d.workers}: with several processes the hosts "
+                             "exchange examples in the training loop's thread; set data.workers=0")
     common = dict(seq_len=d.seq_len, batch_size=run.train.batch_size, seed=d.seed,
                   shuffle=d.shuffle, num_epochs=d.epochs, length_policy=d.length_policy,
                   workers=d.workers, drop_remainder=True, exchange=exchange)
