@@ -31,26 +31,26 @@ def hf_greedy(model, prompt, max_new_tokens):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("engine", ["static", "paged"])
 @pytest.mark.parametrize("family,lengths", [
     ("phi-4-like", (5, 12, 16, 30)),
     ("phi-4-mini-like", (50, 9, 70)),
 ])
-def test_greedy_matches_transformers(family, lengths, engine):
+def test_greedy_matches_transformers(family, lengths):
+    """Both engines (the paged one every job uses, the static reference) against one HF run."""
     cfg = tiny(family)
     model = random_hf_model(cfg, seed=3)
     params = params_from_hf(model, cfg)
     rng = np.random.default_rng(7)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in lengths]
-    run = generate if engine == "static" else generate_paged
-    ours = run(params, cfg, prompts, NEW_TOKENS, stop_tokens=(), num_slots=2)
-    for p, toks, reason in zip(prompts, ours.tokens, ours.finish_reasons):
-        ref = hf_greedy(model, p, NEW_TOKENS)
-        assert len(set(ref[NEW_TOKENS // 2:])) > 8, \
-            "degenerate reference: greedy tokens barely vary"
-        assert toks == ref, f"prompt length {len(p)}: first mismatch at " \
-            f"{next(i for i, (a, b) in enumerate(zip(toks, ref)) if a != b)}"
-        assert reason == "length"
+    refs = [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+    for run in (generate_paged, generate):
+        ours = run(params, cfg, prompts, NEW_TOKENS, stop_tokens=(), num_slots=2)
+        for p, ref, toks, reason in zip(prompts, refs, ours.tokens, ours.finish_reasons):
+            assert len(set(ref[NEW_TOKENS // 2:])) > 8, \
+                "degenerate reference: greedy tokens barely vary"
+            assert toks == ref, f"{run.__name__}, prompt length {len(p)}: first mismatch at " \
+                f"{next(i for i, (a, b) in enumerate(zip(toks, ref)) if a != b)}"
+            assert reason == "length"
     if cfg.rope_scaling_type == "longrope":
         omax = cfg.original_max_position_embeddings
         assert any(len(p) <= omax < len(p) + NEW_TOKENS for p in prompts)  # crosses the threshold
