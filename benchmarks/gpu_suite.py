@@ -453,7 +453,7 @@ def main(argv=None):
         "attention": lambda: bench_attention(dtype=jnp.bfloat16, interpret=interpret,
                                              **attn_args),
         # the paged engine (benchmarks/paged_gpu.py; ~6 minutes on one GPU at full sizes)
-        "engine": lambda: engine_report(args.tiny, peak_bw, peaks_src),
+        "engine": lambda: engine_report(args.tiny, peak_bw),
     }
     for name, run in sections.items():
         if name not in args.skip:

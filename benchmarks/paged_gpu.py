@@ -39,18 +39,6 @@ from phi_reason.model.params import init_params  # noqa: E402
 TRT_LLM = {"h100": 15_220, "h200": 17_744}  # output tok/s, 1000/1000, Llama-3.1-8B-FP8
 
 
-def peak_bandwidth() -> tuple:
-    acc = for_device_kind(jax.devices()[0].device_kind)
-    if acc is not None:
-        return acc.hbm_bytes_per_s, acc.name
-    x = jnp.ones((32 * 2 ** 20,), jnp.float32)  # CPU: a measured reduction
-    f = jax.jit(jnp.sum)
-    f(x).block_until_ready()
-    t0 = time.perf_counter()
-    f(x).block_until_ready()
-    return x.nbytes / (time.perf_counter() - t0), "measured"
-
-
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -66,7 +54,7 @@ def kv_bytes_per_token(cfg) -> int:
                               jnp.dtype(cfg.dtype).itemsize)
 
 
-def bench_throughput(params, cfg, rows, prompt, new, acc_name):
+def bench_throughput(params, cfg, rows, prompt, new):
     rng = np.random.default_rng(0)
     run = lambda: generate_paged(params, cfg, prompts_of(rng, cfg, rows, prompt), new,  # noqa: E731
                                  stop_tokens=())
@@ -75,8 +63,9 @@ def bench_throughput(params, cfg, rows, prompt, new, acc_name):
     tok = sum(map(len, out.tokens))
     row = {"rows": rows, "prompt": prompt, "new": new, "seconds": sec, "output_tok_s": tok / sec,
            "preemptions": out.stats.get("preemptions", 0), "kv_blocks": out.stats["num_blocks"]}
+    acc = for_device_kind(jax.devices()[0].device_kind)
     for key, anchor in TRT_LLM.items():
-        if key in acc_name.lower():
+        if acc is not None and key in acc.name.lower():
             row["vs_trt_llm"] = row["output_tok_s"] / anchor
     return row
 
@@ -156,7 +145,7 @@ def engine_config(tiny: bool):
                      tail=(256, 512, 32768 - 512))
 
 
-def engine_report(tiny: bool, peak_bw: float, acc_name: str, skip=(), on_section=None) -> dict:
+def engine_report(tiny: bool, peak_bw: float, skip=(), on_section=None) -> dict:
     """The three sections (see the module docstring), each also passed to on_section(report)."""
     cfg, sizes = engine_config(tiny)
     params = inference_params(init_params(cfg, jax.random.key(0)), cfg)
@@ -164,7 +153,7 @@ def engine_report(tiny: bool, peak_bw: float, acc_name: str, skip=(), on_section
     report = {"model": "tiny" if tiny else "phi-4-mini", "dtype": cfg.dtype,
               "weight_bytes": weight_bytes}
     runs = {
-        "throughput": lambda: bench_throughput(params, cfg, *sizes["throughput"], acc_name),
+        "throughput": lambda: bench_throughput(params, cfg, *sizes["throughput"]),
         "small_batches": lambda: bench_small_batches(params, cfg, *sizes["small"], weight_bytes,
                                                      peak_bw),
         "long_tail": lambda: bench_long_tail(params, cfg, *sizes["tail"], weight_bytes, peak_bw),
@@ -185,13 +174,14 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", action="append", default=[],
                     choices=["throughput", "small_batches", "long_tail"])
     args = ap.parse_args(argv)
+    from benchmarks.gpu_suite import device_peaks, device_slug  # the suite's peaks and names
+
     t0 = time.time()
-    peak_bw, peaks = peak_bandwidth()
+    (_, peak_bw), peaks = device_peaks(args.tiny)
     meta = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "peak_bw": peak_bw,
             "peaks": peaks}
     os.makedirs(args.out_dir, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in jax.devices()[0].device_kind.lower())
-    stem = os.path.join(args.out_dir, ("cpu-tiny" if args.tiny else slug.strip("-")) + "-paged")
+    stem = os.path.join(args.out_dir, device_slug(args.tiny) + "-paged")
 
     def write(sections):
         report = {"meta": dict(meta, seconds=time.time() - t0,
@@ -204,7 +194,7 @@ def main(argv=None) -> int:
                 f.write(text)
         return report
 
-    sections = engine_report(args.tiny, peak_bw, peaks, args.skip, on_section=write)
+    sections = engine_report(args.tiny, peak_bw, args.skip, on_section=write)
     print(render(write(sections)))
     print(f"wrote {stem}.md and {stem}.json")
     return 0
