@@ -43,6 +43,8 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler, blocks_for_memory, kv_bytes_per_block
 
 NO_PAUSE = np.iinfo(np.int32).max
+BLOCK_SIZE = 16  # tokens per KV block (default)
+CHUNK_STEPS = 32  # decode steps per device loop (default)
 PREFILL_TOKENS = 16384  # most prompt tokens one prefill call processes per shard
 MAX_ROWS = 256  # default cap on rows a shard decodes at once (vLLM's max_num_seqs per engine)
 CPU_KV_BYTES = 2 << 30  # default KV pool budget per device on CPU (host RAM is shared)
@@ -125,8 +127,8 @@ def generate_paged(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                    on_tokens: Optional[Callable[[int, List[int]], None]] = None,
                    stream_every: int = 8, unroll_layers: Optional[bool] = None,
                    interrupt: Optional[Callable[[], bool]] = None, interrupt_every: int = 256,
-                   *, block_size: int = 16, kv_blocks: Optional[int] = None,
-                   kv_bytes: Optional[int] = None, chunk_steps: int = 32,
+                   *, block_size: int = BLOCK_SIZE, kv_blocks: Optional[int] = None,
+                   kv_bytes: Optional[int] = None, chunk_steps: int = CHUNK_STEPS,
                    share_prefix: bool = True, kv_dtype=None,
                    on_progress: Optional[Callable[[dict], None]] = None) -> GenerateOutput:
     """`sampler.generate` over a paged KV cache (see its arguments), plus:

@@ -75,11 +75,11 @@ class ProgressBar:
         self.t0 = time.perf_counter()
 
     def __call__(self, progress: dict) -> None:
-        from tqdm import tqdm
-
         if not self.enabled:
             return
         if self.bar is None:
+            from tqdm import tqdm
+
             self.bar = tqdm(total=progress["rows"], desc=self.desc, unit="row",
                             dynamic_ncols=True, leave=False)
         self.bar.update(progress["rows_done"] - self.bar.n)

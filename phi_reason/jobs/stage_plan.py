@@ -230,7 +230,7 @@ def _rollout_program(run, stage, cfg, local, sizes, resident, attention, gathere
     kv_heads = cfg.num_key_value_heads
     if kv_heads % sizes["tensor"] == 0:
         kv_heads //= sizes["tensor"]
-    bs, chunk = 16, 32  # generate_paged's defaults
+    bs, chunk = engine.BLOCK_SIZE, engine.CHUNK_STEPS
     per_block = kv_bytes_per_block(cfg.num_hidden_layers, kv_heads, cfg.head_dim, bs, cbytes)
     local_cfg = cfg.replace(num_key_value_heads=kv_heads)
 
