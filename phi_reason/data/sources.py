@@ -137,8 +137,9 @@ def _schema(schema: str) -> Callable:
 
 
 def _scan(spec, schema: str, skip_bad_records: bool, skipped: Records) -> Iterator[tuple]:
-    """(reader index, reader, label, locator, adapted record) of every usable record of `spec`;
-    bad ones raise DataError naming them, or are counted in `skipped` under skip_bad_records."""
+    """(reader index, reader, label, locator, where, adapted record) of every usable record of
+    `spec`; bad ones raise DataError naming them, or are counted in `skipped` under
+    skip_bad_records."""
     adapt = _schema(schema)
 
     def bad(where, why):
@@ -157,7 +158,7 @@ def _scan(spec, schema: str, skip_bad_records: bool, skipped: Records) -> Iterat
                 bad(where, str(e).removeprefix(f"{where}: "))
                 continue
             usable += 1
-            yield r, reader, label, loc, record
+            yield r, reader, label, loc, where, record
     if not usable:
         detail = f" ({skipped.skipped} bad records skipped)" if skipped.skipped else ""
         raise DataError(f"{spec}: no usable records{detail}")
@@ -169,9 +170,9 @@ def read_records(spec: str | os.PathLike, schema: str = "raw", skip_bad_records:
     and an empty source raise DataError naming the file and line, unless `skip_bad_records`, which
     skips them and counts them in `Records.skipped` (an empty source still raises)."""
     out = Records([], [])
-    for _, reader, label, _, record in _scan(spec, schema, skip_bad_records, out):
+    for *_, where, record in _scan(spec, schema, skip_bad_records, out):
         out.records.append(record)
-        out.where.append(reader.where(label))
+        out.where.append(where)
     return out
 
 
@@ -234,7 +235,7 @@ def index_records(specs, schema: str = "raw", skip_bad_records: bool = False) ->
     ids, locs, labels = array.array("i"), array.array("q"), array.array("q")
     for spec in specs:
         seen = {}
-        for r, reader, label, loc, _ in _scan(spec, schema, skip_bad_records, skipped):
+        for r, reader, label, loc, _, _ in _scan(spec, schema, skip_bad_records, skipped):
             if r not in seen:
                 seen[r] = len(readers)
                 readers.append(reader)
