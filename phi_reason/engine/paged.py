@@ -22,8 +22,9 @@ only path for the split layout on every backend. A kernel-layout pool on the TPU
 shapes the kernel supports (head_dim a multiple of 128, KV heads tileable:
 `paged_tpu.kernel_supports`), is read in place by JAX's Pallas ragged paged attention kernel
 instead; elsewhere it takes the same XLA gather path. The engine (paged_sampler.generate_paged)
-builds split pools; the kernel path runs per device (single device or inside a shard_map), since
-GSPMD does not partition a pallas_call. Kernel choices per backend: docs/paged_kernels.md.
+builds a kernel-layout pool on one TPU device and split pools everywhere else; the kernel path runs
+per device (one device, or inside a shard_map, which the engine does not build yet), since GSPMD
+does not partition a pallas_call. Kernel choices per backend: docs/paged_kernels.md.
 """
 from __future__ import annotations
 
